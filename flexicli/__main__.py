@@ -1,0 +1,3 @@
+from flexicli.cli import main
+
+main()

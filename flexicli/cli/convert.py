@@ -1,0 +1,37 @@
+import click
+
+from .common import device_options, emit_json, json_option, stderr_console
+
+
+@click.command("convert", help="Wrap a Hugging Face decoder with routers and adapters (base weights untouched).\n\n"
+               "MODEL is a Hub id, a local folder, a .gguf file, or nothing for the embedded SmolLM2-135M-Instruct.")
+@click.argument("model_spec", metavar="[MODEL]", required=False)
+@click.option("-o", "--output", default="flexi-model", show_default=True, help="Checkpoint folder to write.")
+@click.option("--layers", default=None, help="Layers to route: 'half' (default, the second half), 'all', '16-31', '16,18,20'.")
+@click.option("--gate-mode", type=click.Choice(["ste", "scale"]), default="ste", show_default=True,
+              help="ste: exact hard routing, straight-through gradient; scale: official FlexiDepth w-scaling.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a Hub model's own modeling code to run.")
+@device_options
+@json_option
+def command(model_spec, output, layers, gate_mode, force, trust_remote_code, device, dtype, as_json):
+    from ..convert import convert, summary
+
+    console = stderr_console()
+    with console.status(f"converting {model_spec or 'the embedded SmolLM2-135M-Instruct'}..."):
+        fm = convert(model_spec, output, layers=layers, dtype=dtype, device=device, gate_mode=gate_mode,
+                     overwrite=force, trust_remote_code=trust_remote_code)
+    info = summary(fm)
+    if as_json:
+        emit_json(info)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="flexi convert", show_header=False)
+    for key, label in [("base_model", "base model"), ("family", "family"), ("layers", "decoder layers"),
+                       ("routed_layers", "routed layers"), ("dtype", "dtype"), ("output", "checkpoint")]:
+        table.add_row(label, str(info[key]))
+    table.add_row("trainable parameters",
+                  f"{info['trainable_parameters']:,} ({100 * info['trainable_share']:.2f}% of {info['base_parameters']:,})")
+    Console().print(table)

@@ -1,0 +1,42 @@
+"""convert: load a base model, wrap the chosen decoder layers with routers and adapters, save the checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import load_base
+from .errors import CheckpointError
+from .families import LayerParts
+from .model import FlexiModel, parse_layers
+
+
+def convert(model: str | None = None, output: str | Path = "flexi-model", layers: str | None = None,
+            dtype: str | None = None, device: str | None = None, parts: LayerParts | None = None,
+            gate_mode: str = "ste", overwrite: bool = False, trust_remote_code: bool = False) -> FlexiModel:
+    """Returns the converted model, already saved to `output`."""
+    output = Path(output)
+    if output.exists() and not overwrite:  # checked before the slow load; save() checks again
+        raise CheckpointError(f"{output} already exists", "choose another -o/--output or pass --force")
+    hf_model, tokenizer, info = load_base(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    n = hf_model.config.num_hidden_layers if hasattr(hf_model.config, "num_hidden_layers") else hf_model.config.n_layer
+    fm = FlexiModel.wrap(hf_model, tokenizer, routed_layers=parse_layers(layers, n), parts=parts,
+                         base_model=info.base_model, base_revision=info.revision, gate_mode=gate_mode)
+    fm.path = fm.save(output, overwrite=overwrite)
+    return fm
+
+
+def summary(fm: FlexiModel) -> dict:
+    trainable = sum(p.numel() for p in fm.trainable_parameters())
+    base = fm.base_parameter_count()
+    r = fm.config.routed_layers
+    return {
+        "base_model": fm.config.base_model,
+        "family": fm.config.model_type,
+        "layers": fm.config.num_layers,
+        "routed_layers": f"{r[0]}..{r[-1]} ({len(r)})" if r == list(range(r[0], r[-1] + 1)) else str(r),
+        "trainable_parameters": trainable,
+        "base_parameters": base,
+        "trainable_share": trainable / base,
+        "dtype": fm.config.dtype,
+        "output": str(fm.path) if fm.path else None,
+    }

@@ -1,0 +1,174 @@
+"""The one wrapper type: a decoder layer with a router and an adapter beside its untouched parts.
+
+Data flow of a routed layer (FlexiDepth, as the released checkpoint computes it):
+
+    z = attn_norm(h)                      # the layer's own pre-attention norm (router input)
+    w = sigmoid(router(z))                # per token; the token runs the layer iff w > threshold
+    a = attn(z)                           # every token writes its K/V, so the cache stays complete
+    h = h + run * attn_out_norm(a)        # a skipped token's attention output is dropped
+    x = mlp_norm(h)
+    h = h + mlp_out_norm(mlp(x) if run else adapter(x))
+
+With gradients enabled the hard decision `run` enters the forward value as `run + w - stopgrad(w)`: the
+forward value is exactly the hard-routed model (so a model whose routers run everything reproduces the
+original), and the router learns from the difference between running and skipping (straight-through).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .families import LayerParts
+
+# Block arguments that belong to the block, not to its self-attention (GPT-2's cross-attention inputs).
+_BLOCK_ONLY_ARGS = ("encoder_hidden_states", "encoder_attention_mask")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Router(nn.Module):
+    """logit = head(dec(tanh(norm(enc(z))))) + bias. The scalar bias (absent in the official router, which
+    imports with bias 0) starts positive so that a fresh router runs every token: exact at birth."""
+
+    def __init__(self, hidden: int, reduction: int = 16, init_bias: float = 3.0):
+        super().__init__()
+        r = max(1, hidden // reduction)
+        self.enc = nn.Linear(hidden, r, bias=False)
+        self.norm = RMSNorm(r)
+        self.dec = nn.Linear(r, hidden, bias=False)
+        self.head = nn.Linear(hidden, 1, bias=False)
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+        for lin in (self.enc, self.dec):
+            nn.init.normal_(lin.weight, std=hidden**-0.5)
+        nn.init.normal_(self.head.weight, std=0.02 * hidden**-0.5)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Gate w in (0, 1), shape z.shape[:-1], in float32."""
+        logit = self.head(self.dec(torch.tanh(self.norm(self.enc(z))))).squeeze(-1)
+        return torch.sigmoid(logit.float() + self.bias.float())
+
+
+class Adapter(nn.Module):
+    """SwiGLU MLP with a small intermediate size; what a skipped token gets instead of the layer's MLP.
+    down_proj starts at zero: a fresh adapter adds nothing, training grows it."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RoutingState:
+    """Shared by all wrapped layers of one model; the knobs that change how they route.
+
+    mode: "routed" (router decides, w > threshold), "full" (the original layers, untouched: the teacher),
+    "run" (every token runs, through the wrapper's own path), "skip" (every token skips every routed layer),
+    "fixed" (layers in `skip_layers` skip every token, the others run every token).
+    """
+
+    mode: str = "routed"
+    threshold: float = 0.5
+    gate_mode: str = "ste"  # "ste": hard decisions, straight-through gradient; "scale": official w-scaling
+    skip_layers: frozenset = frozenset()
+    records: list | None = None  # when a list: each layer appends (layer_index, run mask [B, T])
+    gates: list | None = None  # when a list: each layer appends (layer_index, w, run) for the training loss
+    MODES: tuple = field(default=("routed", "full", "run", "skip", "fixed"), repr=False)
+
+
+class FlexiLayer(nn.Module):
+    """Wraps one decoder layer. The original layer stays as `base_layer`, its weights untouched."""
+
+    def __init__(self, base_layer: nn.Module, parts: LayerParts, layer_index: int, state: RoutingState,
+                 hidden: int, adapter_dim: int, router_reduction: int = 16, router_init_bias: float = 3.0):
+        super().__init__()
+        self.base_layer = base_layer
+        self.parts = parts
+        self.layer_index = layer_index
+        self.state = state
+        ref = next(base_layer.parameters())
+        self.router = Router(hidden, router_reduction, router_init_bias).to(ref.device, ref.dtype)
+        self.adapter = Adapter(hidden, adapter_dim).to(ref.device, ref.dtype)
+        self._signature = inspect.signature(base_layer.forward)
+
+    def _part(self, name: str | None):
+        return getattr(self.base_layer, name) if name else None
+
+    def _decisions(self, w: torch.Tensor) -> torch.Tensor:
+        mode = self.state.mode
+        if mode == "routed":
+            return w > self.state.threshold
+        if mode == "run" or (mode == "fixed" and self.layer_index not in self.state.skip_layers):
+            return torch.ones_like(w, dtype=torch.bool)
+        return torch.zeros_like(w, dtype=torch.bool)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        state = self.state
+        if state.mode == "full":
+            return self.base_layer(hidden_states, *args, **kwargs)
+        bound = self._signature.bind(hidden_states, *args, **kwargs)
+        call = dict(bound.arguments)
+        call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})
+        call.pop("hidden_states", None)
+        for name in _BLOCK_ONLY_ARGS:
+            call.pop(name, None)
+
+        p = self.parts
+        attn_norm, attn_out_norm = self._part(p.attn_norm), self._part(p.attn_out_norm)
+        mlp_norm, mlp_out_norm = self._part(p.mlp_norm), self._part(p.mlp_out_norm)
+
+        z = attn_norm(hidden_states) if attn_norm is not None else hidden_states
+        w = self.router(z)
+        run = self._decisions(w)
+        if state.records is not None:
+            state.records.append((self.layer_index, run.detach()))
+        if state.gates is not None:
+            state.gates.append((self.layer_index, w, run))
+
+        a = self._part(p.attn)(hidden_states=z, **call)[0]
+        if attn_out_norm is not None:
+            a = attn_out_norm(a)
+        soft = torch.is_grad_enabled()
+        gate = run.to(a.dtype)
+        if soft and state.gate_mode == "ste":
+            gate = gate + (w - w.detach()).to(a.dtype)
+        h = hidden_states + gate.unsqueeze(-1) * a
+
+        x = mlp_norm(h) if mlp_norm is not None else h
+        return h + self._ffn(x, run, w, gate, soft, mlp_out_norm)
+
+    def _ffn(self, x, run, w, gate, soft, out_norm):
+        mlp = self._part(self.parts.mlp)
+        post = out_norm if out_norm is not None else (lambda t: t)
+        if self.state.gate_mode == "scale":  # official FlexiDepth: branch scaled by w (run) or 1 - w (skip)
+            wf = w.to(x.dtype).unsqueeze(-1)
+            return torch.where(run.unsqueeze(-1), wf * post(mlp(x)), (1 - wf) * post(self.adapter(x)))
+        if soft:  # both branches for every token: the router's gradient is their difference
+            g = gate.unsqueeze(-1)
+            return g * post(mlp(x)) + (1 - g) * post(self.adapter(x))
+        if bool(run.all()):
+            return post(mlp(x))
+        if not bool(run.any()):
+            return post(self.adapter(x))
+        out = torch.empty_like(x)
+        out[run] = post(mlp(x[run]))
+        out[~run] = post(self.adapter(x[~run]))
+        return out

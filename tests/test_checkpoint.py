@@ -1,0 +1,75 @@
+"""Save/load round trip and every way a checkpoint can be bad."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from flexicli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, fingerprint
+from flexicli.convert import convert
+from flexicli.errors import CheckpointError
+from flexicli.model import FlexiModel
+
+
+def test_round_trip_identical_logits_and_no_base_weights(tiny_folder, tmp_path):
+    fm = convert(str(tiny_folder), tmp_path / "ckpt", layers="all")
+    for layer in fm.layers:  # make the adapters/routers non-trivial so the round trip means something
+        torch.nn.init.normal_(layer.adapter.down_proj.weight, std=0.1)
+        torch.nn.init.normal_(layer.router.head.weight, std=1.0)
+    fm.save(tmp_path / "ckpt", overwrite=True)
+    x = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        before = fm.model(x).logits
+        loaded = FlexiModel.load(tmp_path / "ckpt")
+        after = loaded.model(x).logits
+    assert torch.equal(before, after)
+    assert loaded.config.routed_layers == [0, 1]
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert files == {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+    base_bytes = sum(p.numel() * 4 for p in tiny_model("llama").parameters())
+    assert (tmp_path / "ckpt" / WEIGHTS_FILE).stat().st_size < base_bytes / 5
+
+
+def test_fingerprint_ignores_dtype_and_wrappers_but_sees_changes():
+    m = tiny_model("llama")
+    fp = fingerprint(m)
+    assert fingerprint(m.to(torch.bfloat16)) == fp
+    fm = FlexiModel.wrap(m.float(), base_model="tiny")
+    assert fingerprint(fm.model) == fp
+    with torch.no_grad():
+        fm.layers[0].base_layer.mlp.down_proj.weight.add_(0.01)
+    assert fingerprint(fm.model) != fp
+
+
+def test_changed_base_is_refused(tiny_folder, tmp_path):
+    convert(str(tiny_folder), tmp_path / "ckpt")
+    tiny_model("llama", seed=1).save_pretrained(tiny_folder)  # someone replaced the base weights
+    with pytest.raises(CheckpointError, match="does not match this checkpoint"):
+        FlexiModel.load(tmp_path / "ckpt")
+
+
+def test_corrupted_weights_and_bad_folders(tiny_folder, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        FlexiModel.load(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a flexicli checkpoint"):
+        FlexiModel.load(tmp_path / "empty")
+    ckpt = tmp_path / "ckpt"
+    convert(str(tiny_folder), ckpt)
+    data = (ckpt / WEIGHTS_FILE).read_bytes()
+    (ckpt / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        FlexiModel.load(ckpt)
+    (ckpt / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        FlexiModel.load(ckpt)
+
+
+def test_config_is_sorted_json_naming_the_base(tiny_folder, tmp_path):
+    convert(str(tiny_folder), tmp_path / "ckpt", layers="1")
+    text = (tmp_path / "ckpt" / CONFIG_FILE).read_text()
+    cfg = json.loads(text)
+    assert list(cfg) == sorted(cfg)
+    assert cfg["base_model"] == str(tiny_folder.resolve()) and cfg["routed_layers"] == [1]
+    assert cfg["adapter_dim"] == 128 // 16 and cfg["threshold"] == 0.5
