@@ -37,7 +37,7 @@ def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = Fal
     return "\n\n".join(m["content"] for m in messages) + ("\n\n" if add_generation_prompt else "")
 
 
-def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
+def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 96, batch_size: int = 32,
                     progress=None) -> list[str]:
     """The original model's greedy answers (routing off), cached by base fingerprint, prompts and length."""
     from .base import cache_dir

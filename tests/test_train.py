@@ -124,3 +124,15 @@ def test_gradient_checkpointing_gives_same_gradients():
         grads.append([p.grad.clone() for p in m.trainable_parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_threshold_calibration_hits_the_target():
+    from flexicli.train import calibrate_threshold, heldout_metrics
+
+    fm, rows, _ = setup()
+    for layer in fm.layers:  # routers that spread their gates over (0, 1)
+        torch.nn.init.normal_(layer.router.head.weight, std=2.0)
+        layer.router.bias.data.zero_()
+    tau = calibrate_threshold(fm, rows, 1.0, iters=12)
+    with fm.routing(threshold=tau):
+        assert abs(heldout_metrics(fm, rows)["mean_skipped_layers"] - 1.0) < 0.1
