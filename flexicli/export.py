@@ -12,6 +12,7 @@ flexi_weights.safetensors, a card: it is still a flexicli checkpoint, and `flexi
 from __future__ import annotations
 
 import json
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,15 @@ def unwrapped(fm):
             layers[i] = layer
 
 
+def _ordinary_modes(folder: Path) -> None:
+    """Some writers (safetensors) create files readable by their owner only; an export is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
+
+
 def export(model_dir: str | Path, output: str | Path, dtype: str | None = None, overwrite: bool = False) -> dict:
     """Write the exported folder atomically; returns a summary. Runs on CPU: saving needs no accelerator."""
     import transformers
@@ -92,6 +102,7 @@ def export(model_dir: str | Path, output: str | Path, dtype: str | None = None, 
         save_file({k: v.detach().contiguous().cpu() for k, v in sorted(fm.flexi_state_dict().items())},
                   tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         (tmp / CARD_FILE).write_text(render_card(fm.config, exported=True))
+        _ordinary_modes(tmp)
     files = sorted(p for p in output.rglob("*") if p.is_file())
     return {"output": str(output), "base_class": base_class, "model_class": MODEL_CLASS,
             "files": [p.relative_to(output).as_posix() for p in files],

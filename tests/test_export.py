@@ -24,23 +24,34 @@ IDS = [[5, 17, 99, 3, 42, 8, 77, 12, 64, 31], [9, 9, 9, 9, 120, 4, 56, 7, 88, 23
 STOCK = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-torch.set_num_threads(int(sys.argv[1]))  # as many as the test process: same reductions, same bits
-ids = torch.tensor(json.loads(sys.argv[2]))
-for folder in sys.argv[3:]:
+opts = json.loads(sys.argv[1])
+torch.set_num_threads(opts["threads"])  # as many as the test process: same reductions, same bits
+ids = torch.tensor(opts["ids"])
+for folder in opts["folders"]:
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # no remote code: the base
+    if opts.get("threshold") is not None:
+        model.flexi_state.threshold = opts["threshold"]
     model.flexi_state.records = []
     with torch.no_grad():
         logits = model(ids).logits
-        plain_logits = plain(ids).logits
-    n = len(model.flexi_state.records)
     ran = torch.stack([mask for _, mask in model.flexi_state.records], -1)
     model.flexi_state.records = None
     gen = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
-    torch.save({"logits": logits, "plain": plain_logits, "ran": ran, "gen": gen}, folder + ".stock.pt")
-    print(json.dumps({"class": type(model).__name__, "plain_class": type(plain).__name__, "records": n,
-                      "flexicli_imported": any(m.split(".")[0] == "flexicli" for m in sys.modules)}))
+    out = {"logits": logits, "ran": ran, "gen": gen}
+    report = {"class": type(model).__name__}
+    if opts.get("plain"):  # without trust_remote_code: the plain base model
+        plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            out["plain"] = plain(ids).logits
+        report["plain_class"] = type(plain).__name__
+    torch.save(out, folder + ".stock.pt")
+    print(json.dumps({**report, "flexicli_imported": any(m.split(".")[0] == "flexicli" for m in sys.modules)}))
 """
+
+
+def run_stock(env, **opts):
+    opts["threads"] = torch.get_num_threads()
+    return subprocess.run([sys.executable, "-c", STOCK, json.dumps(opts)], capture_output=True, text=True, env=env)
 
 
 def routed_checkpoint(family, tmp_path):
@@ -73,8 +84,7 @@ def test_stock_transformers_matches_flexicli_in_a_fresh_process(tmp_path):
         outs.append((ckpt, out))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    r = subprocess.run([sys.executable, "-c", STOCK, str(torch.get_num_threads()), json.dumps(IDS), *[str(o) for _, o in outs]],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    r = run_stock(env, ids=IDS, folders=[str(o) for _, o in outs], plain=True)
     assert r.returncode == 0, r.stderr
     reports = [json.loads(line) for line in r.stdout.splitlines()]
     for (ckpt, out), report in zip(outs, reports):
@@ -122,3 +132,44 @@ def test_export_is_atomic(tmp_path, tiny_folder, monkeypatch):
     assert MODELING_FILE in info["files"] and "model.safetensors" in info["files"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_flexi.FlexiForCausalLM"}
+
+
+@pytest.mark.real
+def test_real_smollm2_export_in_stock_transformers(tmp_path):
+    """The embedded SmolLM2 exported with its tokenizer and chat template; a fresh stock-transformers process
+    generates the same tokens with the same skips as flexicli. The threshold is set at the median gate of the
+    prompt so that about half the routed (token, layer) pairs skip (a fresh checkpoint runs everything)."""
+    import time
+
+    fm = convert(None, tmp_path / "ckpt")
+    t0 = time.perf_counter()
+    info = export(fm.path, tmp_path / "export")
+    export_s = time.perf_counter() - t0
+    assert {"tokenizer.json", "chat_template.jinja", "model.safetensors"} <= set(info["files"])
+    chat = [{"role": "user", "content": "Name three primary colours."}]
+    ids = fm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+    fm.state.gates = []
+    with torch.no_grad():
+        fm.model(ids)
+    threshold = torch.cat([w.reshape(-1) for _, w, _ in fm.state.gates]).median().item()
+    fm.state.gates = None
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    t0 = time.perf_counter()
+    r = run_stock(env, ids=ids.tolist(), folders=[str(tmp_path / "export")], threshold=threshold)
+    stock_s = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert not json.loads(r.stdout)["flexicli_imported"]
+    stock = torch.load(f"{tmp_path / 'export'}.stock.pt")
+    with torch.no_grad(), fm.routing(threshold=threshold), fm.record() as rec:
+        logits = fm.model(ids).logits
+    ran = rec.decisions()
+    with fm.routing(threshold=threshold):
+        gen = fm.model.generate(ids, max_new_tokens=8, do_sample=False)
+    print(f"\nSmolLM2 export: {info['bytes'] / 1e6:.0f} MB in {export_s:.1f} s; stock process (load, "
+          f"forward, 8 tokens) {stock_s:.1f} s; threshold {threshold:.4f}, {100 * (1 - ran.float().mean()):.0f}% "
+          f"of routed (token, layer) pairs skipped; max |logit diff| {(stock['logits'] - logits).abs().max():.2e}")
+    assert 0.3 < ran.float().mean() < 0.7
+    assert torch.equal(stock["ran"], ran) and torch.equal(stock["logits"], logits)
+    assert torch.equal(stock["gen"], gen[:, :stock["gen"].shape[1]]) and stock["gen"].shape == gen.shape
