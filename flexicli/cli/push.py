@@ -3,8 +3,8 @@ import click
 from .common import emit_json, json_option, model_option, stderr_console
 
 
-@click.command("push", help="Push a checkpoint (or an exported folder) and its model card to the Hub, in one commit.\n\n"
-               "REPO_ID defaults to <your user>/<base name>-flexi-skip<N>. The token is the one huggingface_hub "
+@click.command("push", help="Push a checkpoint (or an exported folder) and its model card to the Hub, in one "
+               "commit.\n\nREPO_ID defaults to <your user>/<base name>-flexi-skip<N>. The token is the one huggingface_hub "
                "finds (HF_TOKEN or `hf auth login`); it is never printed or written. A checkpoint without a "
                "passing `flexi eval` is refused unless --force.")
 @model_option
@@ -39,11 +39,12 @@ def _show_plan(plan):
     from rich.table import Table
 
     out = Console(highlight=False)
-    table = Table(title=f"flexi push --dry-run: {plan.repo_id}")
+    click.echo(f"flexi push --dry-run: {len(plan.files) + 1} files to {plan.repo_id}, in one commit")
+    table = Table()
     table.add_column("file in the repo")
     table.add_column("bytes", justify="right")
     for f in plan.summary()["files"]:
         table.add_row(f["path"], f"{f['bytes']:,}")
     out.print(table)
-    out.print("[bold]README.md (model card)[/]")
+    click.echo("README.md (model card):")
     click.echo(plan.card)
