@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 
 from .checkpoint import FlexiConfig
+from .hub import looks_like_hub_id
 
 # Bases whose license we know without asking the network (the embedded default).
 _KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def base_id(config: FlexiConfig) -> str:
@@ -29,10 +29,6 @@ def base_name(config: FlexiConfig) -> str:
     return name.removesuffix(".gguf") or "model"
 
 
-def is_hub_id(spec: str) -> bool:
-    return bool(_HUB_ID.match(spec)) and not Path(spec).exists()
-
-
 def base_license(config: FlexiConfig) -> str | None:
     """The base model's license when it can be known offline: a table, or the base's own model card on disk
     (a local folder, or the Hugging Face cache). None when unknown: the card then says nothing about it."""
@@ -42,7 +38,7 @@ def base_license(config: FlexiConfig) -> str | None:
     card = None
     if Path(base).is_dir():
         card = Path(base) / "README.md"
-    elif is_hub_id(base):
+    elif looks_like_hub_id(base):
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(base, "README.md", revision=config.base_revision)
@@ -89,7 +85,7 @@ def render_card(config: FlexiConfig, figures: list[str] = (), repo_id: str | Non
     base weights and modeling code (`flexi export`), so stock transformers can load it."""
     base, routed = base_id(config), config.routed_layers
     meta = []
-    if is_hub_id(base):
+    if looks_like_hub_id(base):
         meta.append(f"base_model: {base}")
     lic = base_license(config)
     if lic:

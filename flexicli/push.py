@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .card import base_id, base_name, is_hub_id, render_card
+from .card import base_id, base_name, render_card
 from .checkpoint import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, FlexiConfig, read_config
 from .errors import BadInput
 from .export import MODELING_FILE
+from .hub import hub_error, looks_like_hub_id, not_logged_in
 
 _USER_PLACEHOLDER = "<your-username>"
 
@@ -87,7 +88,7 @@ def plan_push(folder: str | Path, repo_id: str | None = None, user: str | None =
     plan = PushPlan(folder, config, repo_id or default_repo_id(config, user or _USER_PLACEHOLDER), files, figures,
                     exported)
     plan.card = render_card(config, figures=figures, repo_id=plan.repo_id, exported=exported)
-    if not is_hub_id(base_id(config)):
+    if not looks_like_hub_id(base_id(config)):
         plan.notes.append(f"the base model is a local path ({base_id(config)}): others can load this checkpoint only "
                           "with the same base at that path (convert from a Hub id to share it)")
     ev = config.eval or {}
@@ -111,8 +112,6 @@ def _check_repo_id(repo_id: str) -> None:
 def push(folder: str | Path, repo_id: str | None = None, private: bool = False, force: bool = False) -> dict:
     """Create the repo (if needed) and upload the folder and its card in one commit. Returns a summary."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
-
-    from .hub import hub_error, not_logged_in
 
     plan = plan_push(folder, repo_id)  # checks the folder and the repo id before anything touches the network
     if plan.refusal and not force:

@@ -20,6 +20,7 @@ import torch
 
 from flexicli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, update_config
 from flexicli.convert import convert
+from test_cli_convert import one_error_line
 
 TOKEN = "hf_fakeTokenThatMustNeverBePrinted123"
 USER = "alice"
@@ -110,13 +111,6 @@ def flexi(*args, endpoint: str, token: str | None = TOKEN, home: Path):
     if token:
         env["HF_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "flexicli", "push", *args], capture_output=True, text=True, env=env)
-
-
-def one_error_line(r, code):
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 @pytest.fixture
