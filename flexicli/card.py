@@ -121,6 +121,10 @@ def render_card(config: FlexiConfig, figures: list[str] = (), repo_id: str | Non
 
 def _training(config: FlexiConfig) -> list[str]:
     t = config.training
+    imported = config.extra.get("imported_from")
+    if not t and imported:
+        return ["", "## Training", "", f"Imported from `{imported.get('source')}` ({imported.get('format')} format): "
+                "trained by its authors, not by flexicli. It keeps their computation (FFN branch scaled by w or 1 - w)."]
     if not t:
         return ["", "## Training", "", "Not trained yet: the routers run every token (the original model)."]
     out = ["", "## Training", ""]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ from transformers import AutoModelForCausalLM
 opts = json.loads(sys.argv[1])
 torch.set_num_threads(opts["threads"])  # as many as the test process: same reductions, same bits
 ids = torch.tensor(opts["ids"])
-for folder in opts["folders"]:
+for folder, save in opts["folders"]:  # a folder or a Hub id (from the cache), and where to save the results
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     if opts.get("threshold") is not None:
         model.flexi_state.threshold = opts["threshold"]
@@ -44,7 +45,7 @@ for folder in opts["folders"]:
         with torch.no_grad():
             out["plain"] = plain(ids).logits
         report["plain_class"] = type(plain).__name__
-    torch.save(out, folder + ".stock.pt")
+    torch.save(out, save)
     print(json.dumps({**report, "flexicli_imported": any(m.split(".")[0] == "flexicli" for m in sys.modules)}))
 """
 
@@ -84,10 +85,18 @@ def test_stock_transformers_matches_flexicli_in_a_fresh_process(tmp_path):
         outs.append((ckpt, out))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    r = run_stock(env, ids=IDS, folders=[str(o) for _, o in outs], plain=True)
+    # The llama export once more by Hub id, from a cache laid out as huggingface_hub lays it out (offline).
+    snap = tmp_path / "hub" / "models--alice--tiny-export" / "snapshots" / ("e" * 40)
+    shutil.copytree(outs[0][1], snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("e" * 40)
+    env["HF_HUB_CACHE"] = str(tmp_path / "hub")
+    folders = [[str(o), f"{o}.stock.pt"] for _, o in outs] + [["alice/tiny-export", str(tmp_path / "by-id.stock.pt")]]
+    r = run_stock(env, ids=IDS, folders=folders, plain=True)
     assert r.returncode == 0, r.stderr
     reports = [json.loads(line) for line in r.stdout.splitlines()]
-    for (ckpt, out), report in zip(outs, reports):
+    outs.append((outs[0][0], tmp_path / "by-id"))
+    for (ckpt, out), report in zip(outs, reports, strict=True):
         assert report["class"] == "FlexiForCausalLM" and not report["flexicli_imported"]
         stock = torch.load(f"{out}.stock.pt")
         fm = FlexiModel.load(ckpt)
@@ -157,7 +166,8 @@ def test_real_smollm2_export_in_stock_transformers(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     t0 = time.perf_counter()
-    r = run_stock(env, ids=ids.tolist(), folders=[str(tmp_path / "export")], threshold=threshold)
+    r = run_stock(env, ids=ids.tolist(), folders=[[str(tmp_path / "export"), f"{tmp_path / 'export'}.stock.pt"]],
+                  threshold=threshold)
     stock_s = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
     assert not json.loads(r.stdout)["flexicli_imported"]

@@ -102,6 +102,8 @@ def test_import_reproduces_the_official_formula(tmp_path):
     with torch.no_grad(), fm.routing(mode="run"):  # the w-scaling matters: without routing, logits change
         assert not torch.allclose(fm.model(ids).logits, ref, atol=1e-3)
 
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "Imported from" in card and "not by flexicli" in card
     from flexicli.model import FlexiModel  # the written checkpoint loads back to the same model
 
     with torch.no_grad():
