@@ -59,9 +59,11 @@ def _fmt(v) -> str:
 
 
 def _scalars(d: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """Flatten one level of nesting; lists and deeper structures are left to their own sections."""
+    """Flatten one level of nesting; lists, deeper structures and per-layer rates are left to other sections."""
     out = []
     for k, v in d.items():
+        if k == "per_layer_skip_rate":  # has its own section (layer usage)
+            continue
         if isinstance(v, (int, float, str, bool)):
             out.append((prefix + k, v))
         elif isinstance(v, dict) and prefix == "":
@@ -72,10 +74,13 @@ def _scalars(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 def _layer_rates(config: FlexiConfig) -> list[tuple[int, float]]:
     """Per-layer skip rates from the eval summary (a list aligned with the routed layers, or a dict)."""
     rates = (config.eval or {}).get("per_layer_skip_rate") or (config.training or {}).get("per_layer_skip_rate")
-    if isinstance(rates, dict):
-        return sorted((int(k), float(v)) for k, v in rates.items())
-    if isinstance(rates, list) and len(rates) == len(config.routed_layers):
-        return list(zip(config.routed_layers, map(float, rates)))
+    try:
+        if isinstance(rates, dict):  # keys: layer indices, possibly as text ("15" or "layer_15")
+            return sorted((int(str(k).rsplit("_", 1)[-1]), float(v)) for k, v in rates.items())
+        if isinstance(rates, list) and len(rates) == len(config.routed_layers):
+            return list(zip(config.routed_layers, map(float, rates)))
+    except (TypeError, ValueError):  # a shape this card does not know: leave the section out, never fail a save
+        pass
     return []
 
 
