@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .errors import BadInput
 from .objectives import BudgetController, distill_loss, gate_stats, lm_loss, logits_fn
 
@@ -268,6 +269,13 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     `stop_after` ends the run after that many steps as if it were killed there (tests of --resume)."""
     cfg.check(len(fm.config.routed_layers))
     folder = Path(folder) if folder else fm.path
+    # -- distributed (flexicli/distributed.py; a no-op for one process): shard/move the model, quiet ranks > 0 --
+    dist = distributed.current()
+    dist.check_batch(cfg.batch_size)
+    distributed.prepare(fm, dist)
+    if not dist.is_main:
+        log, progress = (lambda m: None), False
+    # --
     torch.manual_seed(cfg.seed)
     device = next(fm.model.parameters()).device
     head = logits_fn(fm.model)
@@ -289,8 +297,8 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
 
     if rows is None:
         log("preparing data (the original model answers the built-in prompts once; cached afterwards)")
-        with _progress(progress, "data", "{task.fields[what]}") as bar:
-            task = bar.add_task("data", total=None, what="")
+        with _progress(progress, "data", "{task.fields[what]}") as bar, dist.main_first():  # distributed: rank 0
+            task = bar.add_task("data", total=None, what="")  # fills the data cache, the others then read it
             step = lambda done, total: bar.update(task, completed=done, total=total, what="answers")  # noqa: E731
             rows = training_rows(fm, cfg, progress=step)
             heldout = heldout_rows(fm, cfg.seq_len, progress=step)
@@ -307,8 +315,11 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             target = cfg.skip_target * min(1.0, (step + 1) / max(1, cfg.ramp * cfg.steps))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            stats = [train_step(fm, batch_at(rows, cfg.seed, step * cfg.grad_accum + m, cfg.batch_size).to(device),
+            stats = [train_step(fm, dist.shard(batch_at(rows, cfg.seed, step * cfg.grad_accum + m,  # distributed:
+                                                        cfg.batch_size)).to(device),  # this rank's share
                                 cfg, target, controller.lam, head) for m in range(cfg.grad_accum)]
+            dist.average_gradients(params)  # distributed: gradients and metrics over the global batch
+            stats = dist.global_stats(stats)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -322,13 +333,13 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 last_eval = heldout_metrics(fm, heldout[: cfg.eval_rows])
                 rec["heldout"] = last_eval
-            if metrics_path:
+            if metrics_path and dist.is_main:  # distributed: rank 0 writes
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
             bar.update(task, advance=1, loss=rec["loss"], skipped=skipped, tps=rec["tokens_per_s"])
             done = step + 1
             if folder and (done % cfg.save_every == 0 or done == cfg.steps or done == stop_after):
-                save_training(fm, folder, cfg, done, opt, controller, None)
+                dist.on_main(save_training, fm, folder, cfg, done, opt, controller, None)  # others wait
             if stop_after is not None and done >= stop_after:
                 return {"stopped_at": done}
 
@@ -349,7 +360,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
 
             summary.update(greedy_agreement(fm, heldout_prompts(10)))
     if folder:
-        save_training(fm, folder, cfg, cfg.steps, opt, controller, summary)
+        dist.on_main(save_training, fm, folder, cfg, cfg.steps, opt, controller, summary)
     return summary
 
 

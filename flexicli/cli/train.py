@@ -29,6 +29,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--device", default=None)
 @json_option
 def command(model_dir, skip_target, resume, recipe, config_file, device, as_json, **flags):
+    from .. import distributed
     from ..errors import BadInput
     from ..model import FlexiModel
     from ..train import TrainConfig, load_recipe, train
@@ -45,9 +46,12 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     cfg = TrainConfig.from_dict(settings)
     cfg.check(10**6)  # ranges that do not need the model; the layer count is checked after loading
     console = stderr_console()
+    dist = distributed.init(device)  # torchrun / accelerate launch: this rank's device; else device as given
     with console.status(f"loading {model_dir}..."):
-        fm = FlexiModel.load(model_dir, device=device)
+        fm = FlexiModel.load(model_dir, device=dist.load_device)
     summary = train(fm, cfg, resume=resume, log=lambda m: console.print(m))
+    if not dist.is_main:  # distributed: rank 0 reports
+        return
     if as_json:
         emit_json(summary)
         return
