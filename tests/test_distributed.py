@@ -1,7 +1,8 @@
 """Distributed training on CPU (gloo): 2 processes end where 1 process ends with the same global batch.
 
-The test starts this file as a script under torchrun (`python -m torch.distributed.run --nproc-per-node 2
-tests/test_distributed.py OUT [fsdp]`); each rank trains the tiny model and writes its final weights to OUT.
+The test starts this file as a script under torchrun (`python -m torch.distributed.run --standalone --nproc-per-node 2
+tests/test_distributed.py OUT`); each rank trains the tiny model data parallel, then under FSDP, and writes its final
+weights to OUT/ddp and OUT/fsdp.
 """
 
 import json
@@ -45,6 +46,7 @@ def run(folder: Path) -> dict:
     fm = make_model()
     rows, heldout = data()
     dist = distributed.current()
+    folder.parent.mkdir(parents=True, exist_ok=True)
     dist.on_main(fm.save, folder)
     return fm, train(fm, config(), folder=folder, rows=rows, heldout=heldout, progress=False, log=lambda m: None)
 
@@ -60,26 +62,28 @@ def reference(tmp_path_factory):
     return {k: v.clone() for k, v in fm.flexi_state_dict().items()}, summary, read_metrics(folder)
 
 
-def launch(out: Path, fsdp: bool) -> None:
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One torchrun launch of 2 processes: a data-parallel run into OUT/ddp, then an FSDP run into OUT/fsdp."""
+    out = tmp_path_factory.mktemp("two")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    if fsdp:
-        env["FLEXI_FSDP"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, str(out)]
+    for var in ("WORLD_SIZE", "FLEXI_FSDP", "ACCELERATE_USE_FSDP"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, reference, fsdp):
+def test_two_processes_match_one(launched, reference, fsdp):
     from safetensors.torch import load_file
 
     from flexicli.checkpoint import read_weights
 
     ref_weights, ref_summary, ref_metrics = reference
-    launch(tmp_path, fsdp)
+    tmp_path = launched / ("fsdp" if fsdp else "ddp")
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     saved = read_weights(tmp_path / "ckpt")
     for k, ref in ref_weights.items():
@@ -141,13 +145,15 @@ def base_share_held(fm) -> float:
     return held / total
 
 
-if __name__ == "__main__":  # one rank under torchrun
+if __name__ == "__main__":  # one rank under torchrun: data parallel, then FSDP (same process group)
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    out = Path(sys.argv[1])
     dist = distributed.init("cpu")
-    fm, summary = run(out / "ckpt")
-    save_file({k: v.contiguous() for k, v in fm.flexi_state_dict().items()}, out / f"rank{dist.rank}.safetensors")
-    if dist.is_main:
-        (out / "summary.json").write_text(json.dumps({**summary, "base_share_held": base_share_held(fm)}))
+    for mode in ("ddp", "fsdp"):
+        dist.fsdp = mode == "fsdp"  # what FLEXI_FSDP=1 / ACCELERATE_USE_FSDP=true set at init
+        out = Path(sys.argv[1]) / mode
+        fm, summary = run(out / "ckpt")
+        save_file({k: v.contiguous() for k, v in fm.flexi_state_dict().items()}, out / f"rank{dist.rank}.safetensors")
+        if dist.is_main:
+            (out / "summary.json").write_text(json.dumps({**summary, "base_share_held": base_share_held(fm)}))
