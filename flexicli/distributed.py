@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch

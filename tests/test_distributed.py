@@ -42,7 +42,7 @@ def config():
                        eval_every=3, save_every=100, calibrate=False)
 
 
-def run(folder: Path) -> dict:
+def run(folder: Path):
     fm = make_model()
     rows, heldout = data()
     dist = distributed.current()
