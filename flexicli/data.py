@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -66,7 +67,7 @@ def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 96, batch_size
     finally:
         tok.padding_side = side
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks of one distributed run may write it together
     tmp.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
     tmp.replace(path)
     return answers

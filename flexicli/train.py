@@ -15,6 +15,7 @@ import math
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from . import distributed
 from .errors import BadInput
 from .objectives import BudgetController, distill_loss, gate_stats, lm_loss, logits_fn
+from .teacher import cache_bytes
 
 TRAIN_STATE = "train_state.safetensors"
 METRICS = "metrics.jsonl"
@@ -49,6 +51,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
     selfgen_tokens: int = 96
+    cache_teacher: bool = True  # keep teacher hidden states per row (if under 2 GiB): about half the work per step
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -106,15 +109,18 @@ def heldout_rows(fm, seq_len: int, progress=None) -> torch.Tensor:
     return data.pack(fm.tokenizer, data.heldout_texts(fm, progress=progress), seq_len)
 
 
-def batch_at(rows: torch.Tensor, seed: int, index: int, batch_size: int) -> torch.Tensor:
-    """Micro-batch number `index`: a pure function of (seed, index), so resuming replays the same order."""
-    n = rows.shape[0]
+def batch_indices(n: int, seed: int, index: int, batch_size: int) -> torch.Tensor:
+    """Rows of micro-batch number `index`: a pure function of (seed, index), so resuming replays the same order."""
     picks = []
     for k in range(index * batch_size, (index + 1) * batch_size):
         epoch, pos = divmod(k, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         picks.append(perm[pos].item())
-    return rows[picks]
+    return torch.tensor(picks)
+
+
+def batch_at(rows: torch.Tensor, seed: int, index: int, batch_size: int) -> torch.Tensor:
+    return rows[batch_indices(rows.shape[0], seed, index, batch_size)]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -129,16 +135,22 @@ def decoder_of(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
-def train_step(fm, batch, cfg: TrainConfig, target: float, lam: float, head) -> dict:
+def train_step(fm, batch, cfg: TrainConfig, target: float, lam: float, head, cached=None) -> dict:
+    """One micro-batch: forward, loss, backward. `cached`: (hidden entering the first routed layer, teacher's final
+    hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed."""
+    from .teacher import start_at_first_routed
+
     decoder = decoder_of(fm.model)
     device = next(fm.model.parameters()).device
     batch = batch.to(device)
-    if cfg.objective == "kl":
+    if cached is not None:
+        prefix_h, teacher_h = cached
+    elif cfg.objective == "kl":
         with torch.no_grad(), fm.routing("full"):
             teacher_h = decoder(input_ids=batch).last_hidden_state
     fm.state.gates = []
     try:
-        with fm.routing("routed"):
+        with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
             student_h = decoder(input_ids=batch).last_hidden_state
         skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
     finally:
@@ -303,6 +315,13 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             rows = training_rows(fm, cfg, progress=step)
             heldout = heldout_rows(fm, cfg.seq_len, progress=step)
     log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} held-out rows")
+    cache = None
+    if cfg.cache_teacher and cfg.objective == "kl" and dist.world_size == 1 and cache_bytes(fm, rows) < 2**31:
+        from .teacher import TeacherCache
+
+        with _progress(progress, "teacher", "{task.fields[what]}") as bar:
+            task = bar.add_task("teacher", total=rows.shape[0], what="rows")
+            cache = TeacherCache(fm, rows, progress=lambda done, total: bar.update(task, completed=done))
 
     metrics_path = folder / METRICS if folder else None
     bar = _progress(progress)
@@ -315,9 +334,11 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             target = cfg.skip_target * min(1.0, (step + 1) / max(1, cfg.ramp * cfg.steps))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            stats = [train_step(fm, dist.shard(batch_at(rows, cfg.seed, step * cfg.grad_accum + m,  # distributed:
-                                                        cfg.batch_size)).to(device),  # this rank's share
-                                cfg, target, controller.lam, head) for m in range(cfg.grad_accum)]
+            stats = []
+            for m in range(cfg.grad_accum):  # distributed: this rank's share of the global micro-batch
+                idx = dist.shard(batch_indices(rows.shape[0], cfg.seed, step * cfg.grad_accum + m, cfg.batch_size))
+                stats.append(train_step(fm, rows[idx], cfg, target, controller.lam, head,
+                                        cached=cache.lookup(idx, device) if cache else None))
             dist.average_gradients(params)  # distributed: gradients and metrics over the global batch
             stats = dist.global_stats(stats)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
