@@ -316,7 +316,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             heldout = heldout_rows(fm, cfg.seq_len, progress=step)
     log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} held-out rows")
     cache = None
-    if cfg.cache_teacher and cfg.objective == "kl" and dist.world_size == 1 and cache_bytes(fm, rows) < 2**31:
+    if cfg.cache_teacher and dist.world_size == 1 and cache_bytes(fm, rows) < 2**31:
         from .teacher import TeacherCache
 
         with _progress(progress, "teacher", "{task.fields[what]}") as bar:
