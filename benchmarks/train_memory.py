@@ -4,7 +4,8 @@
 
 Each side runs in its own fresh process (peak RSS from getrusage), on the embedded SmolLM2-135M in fp32:
   frozen: the original model's forward (HF, logits returned) under no_grad
-  train:  3 training steps of flexicli (teacher forward + routed forward/backward, optimiser step)
+  train:  3 training steps of flexicli (teacher cache for all rows, routed forward/backward, optimiser step)
+  train-nocache: the same, recomputing the teacher each step (--no-cache-teacher: for data too big to cache)
 """
 
 import argparse
@@ -27,16 +28,17 @@ else:
     from flexicli.model import FlexiModel
     from flexicli.train import TrainConfig, train
     fm = FlexiModel.wrap(model, tok, base_model=info.base_model)
-    rows = torch.randint(100, 40000, (4 * b, t))
+    rows = torch.randint(100, 40000, (int(sys.argv[4]), t))  # as many rows as the real run (the cache grows with them)
     cfg = TrainConfig(skip_target=4, steps=3, batch_size=b, seq_len=t, calibrate=False, eval_every=100,
-                      gradient_checkpointing=(mode == "train-ckpt"))
+                      cache_teacher=(mode != "train-nocache"))
     train(fm, cfg, rows=rows, heldout=None, progress=False, log=lambda m: None)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def peak(mode: str, b: int, t: int) -> float:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(b), str(t)], capture_output=True, text=True, check=True)
+def peak(mode: str, b: int, t: int, rows: int) -> float:
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(b), str(t), str(rows)], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
@@ -44,10 +46,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=184, help="training rows (the SmolLM2 recipe's data gives 184 x 256)")
     a = ap.parse_args()
-    frozen = peak("frozen", a.batch_size, a.seq_len)
-    result = {"batch_size": a.batch_size, "seq_len": a.seq_len, "frozen_peak_mb": round(frozen)}
-    for mode in ("train", "train-ckpt"):
-        p = peak(mode, a.batch_size, a.seq_len)
+    frozen = peak("frozen", a.batch_size, a.seq_len, a.rows)
+    result = {"batch_size": a.batch_size, "seq_len": a.seq_len, "rows": a.rows, "frozen_peak_mb": round(frozen)}
+    for mode in ("train", "train-nocache"):
+        p = peak(mode, a.batch_size, a.seq_len, a.rows)
         result[f"{mode}_peak_mb"], result[f"{mode}_ratio"] = round(p), round(p / frozen, 3)
     print(json.dumps(result, indent=2))

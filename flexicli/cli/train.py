@@ -4,7 +4,7 @@ from .common import emit_json, json_option, model_option, stderr_console
 
 # Flags that map one to one onto TrainConfig fields; given flags override the recipe/config file.
 _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", "objective", "alpha", "eval_every",
-          "save_every", "gradient_checkpointing", "calibrate"]
+          "save_every", "gradient_checkpointing", "calibrate", "cache_teacher"]
 
 
 @click.command("train", help="Distil the routed model against the original model under a layer budget.")
@@ -23,6 +23,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--save-every", type=int, default=None)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--calibrate/--no-calibrate", default=None, help="Nudge the threshold after training so held-out skipping hits the target.")
+@click.option("--cache-teacher/--no-cache-teacher", default=None, help="Keep the teacher's hidden states per training row (default on when under 2 GiB).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the checkpoint's training state.")
 @click.option("--recipe", default=None, help="A recipe name from recipes/ (e.g. smollm2-135m-cpu).")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="A YAML file of training settings.")
