@@ -28,6 +28,10 @@ from .families import LayerParts
 _BLOCK_ONLY_ARGS = ("encoder_hidden_states", "encoder_attention_mask")
 
 
+def _identity(x):
+    return x
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -91,6 +95,7 @@ class RoutingState:
     skip_layers: frozenset = frozenset()
     records: list | None = None  # when a list: each layer appends (layer_index, run mask [B, T])
     gates: list | None = None  # when a list: each layer appends (layer_index, w, run) for the training loss
+    fast_path: bool = True  # without gradients, skipped tokens compute only K/V (False: the reference path)
     MODES: tuple = field(default=("routed", "full", "run", "skip", "fixed"), repr=False)
 
 
@@ -131,10 +136,7 @@ class FlexiLayer(nn.Module):
         for name in _BLOCK_ONLY_ARGS:
             call.pop(name, None)
 
-        p = self.parts
-        attn_norm, attn_out_norm = self._part(p.attn_norm), self._part(p.attn_out_norm)
-        mlp_norm, mlp_out_norm = self._part(p.mlp_norm), self._part(p.mlp_out_norm)
-
+        attn_norm = self._part(self.parts.attn_norm)
         z = attn_norm(hidden_states) if attn_norm is not None else hidden_states
         w = self.router(z)
         run = self._decisions(w)
@@ -142,7 +144,16 @@ class FlexiLayer(nn.Module):
             state.records.append((self.layer_index, run.detach()))
         if state.gates is not None:
             state.gates.append((self.layer_index, w, run))
+        if state.fast_path and state.gates is None and not torch.is_grad_enabled():
+            return self._fast_forward(hidden_states, z, w, run, call)
+        return self._reference_forward(hidden_states, z, w, run, call)
 
+    def _reference_forward(self, hidden_states, z, w, run, call):
+        """Every token computes attention; a skipped token's output is dropped. Used for training (the
+        straight-through gate needs both branches) and for families the fast path does not cover."""
+        p, state = self.parts, self.state
+        attn_out_norm = self._part(p.attn_out_norm)
+        mlp_norm, mlp_out_norm = self._part(p.mlp_norm), self._part(p.mlp_out_norm)
         a = self._part(p.attn)(hidden_states=z, **call)[0]
         if attn_out_norm is not None:
             a = attn_out_norm(a)
@@ -154,6 +165,43 @@ class FlexiLayer(nn.Module):
 
         x = mlp_norm(h) if mlp_norm is not None else h
         return h + self._ffn(x, run, w, gate, soft, mlp_out_norm)
+
+    def _fast_forward(self, h, z, w, run, call):
+        """Inference: a skipped token computes only its K/V and the adapter (flexicli/fastpath.py)."""
+        from .fastpath import partial_attention, plan_for
+
+        p, scale = self.parts, self.state.gate_mode == "scale"
+        attn_out_norm, mlp_norm, post = (self._part(n) if n else _identity
+                                         for n in (p.attn_out_norm, p.mlp_norm, p.mlp_out_norm))
+        mlp = self._part(p.mlp)
+        if bool(run.all()):  # nothing to skip: the layer as written, on the z the router already needed
+            h = h + attn_out_norm(self._part(p.attn)(hidden_states=z, **call)[0])
+            y = post(mlp(mlp_norm(h)))
+            return h + (y * w.to(y.dtype).unsqueeze(-1) if scale else y)
+        plan = plan_for(self._part(p.attn))
+        if plan is None:
+            return self._reference_forward(h, z, w, run, call)
+
+        b, t, d = h.shape
+        idx, valid, a = partial_attention(plan, z, run, call)
+        flat, wf = h.reshape(b * t, d), w.reshape(b * t)
+        out = flat.clone()
+        skipped = (~run).reshape(-1).nonzero().squeeze(1)
+        if skipped.numel():
+            hs = flat.index_select(0, skipped)
+            ys = post(self.adapter(mlp_norm(hs)))
+            if scale:
+                ys = ys * (1 - wf.index_select(0, skipped)).to(ys.dtype).unsqueeze(-1)
+            out.index_copy_(0, skipped, hs + ys)
+        if idx is not None:
+            rows = idx + t * torch.arange(b, device=idx.device)[:, None]
+            rows, a = (rows[valid], a[valid]) if valid is not None else (rows.reshape(-1), a.reshape(-1, d))
+            hr = flat.index_select(0, rows) + attn_out_norm(a)
+            yr = post(mlp(mlp_norm(hr)))
+            if scale:
+                yr = yr * wf.index_select(0, rows).to(yr.dtype).unsqueeze(-1)
+            out.index_copy_(0, rows, hr + yr)
+        return out.view(b, t, d)
 
     def _ffn(self, x, run, w, gate, soft, out_norm):
         mlp = self._part(self.parts.mlp)
