@@ -129,10 +129,13 @@ class FlexiLayer(nn.Module):
         state = self.state
         if state.mode == "full":
             return self.base_layer(hidden_states, *args, **kwargs)
-        bound = self._signature.bind(hidden_states, *args, **kwargs)
-        call = dict(bound.arguments)
-        call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})
-        call.pop("hidden_states", None)
+        if args:  # positional extras: name them by the base layer's signature
+            bound = self._signature.bind(hidden_states, *args, **kwargs)
+            call = dict(bound.arguments)
+            call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})
+            call.pop("hidden_states", None)
+        else:  # how HF models call their layers (all keywords): no binding cost on every decode step
+            call = dict(kwargs)
         for name in _BLOCK_ONLY_ARGS:
             call.pop(name, None)
 
