@@ -118,3 +118,26 @@ def test_deep_copy_gets_its_own_plan():
         for layer in twin.model.layers:
             layer.base_layer.self_attn.q_proj.weight.zero_()
         assert not torch.allclose(twin(x).logits, fm.model(x).logits)
+
+
+@pytest.mark.real
+def test_smollm2_fast_path_equals_reference(smollm2):
+    """Real weights: mixed decisions (perturbed routers), 8 fixed skipped layers, and greedy decoding."""
+    model, tok, info = smollm2
+    fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in fm.layers:
+            layer.router.head.weight.copy_(torch.randn(layer.router.head.weight.shape, generator=g) * 0.5)
+            layer.router.bias.zero_()
+            layer.adapter.down_proj.weight.copy_(torch.randn(layer.adapter.down_proj.weight.shape, generator=g) * 0.02)
+    x = tok("The museum opens at nine and closes at five. Our train left the station twenty minutes late, "
+            "so we missed the first hour.", return_tensors="pt").input_ids
+    (fast, d_fast), (ref, d_ref) = both_paths(fm, lambda: fm.model(x).logits)
+    assert torch.equal(d_fast, d_ref) and d_fast.any() and not d_fast.all()
+    assert (fast - ref).abs().max().item() < 1e-3
+    with fm.routing("fixed", skip_layers=range(22, 30)):
+        (fast, _), (ref, _) = both_paths(fm, lambda: fm.model(x).logits)
+    assert (fast - ref).abs().max().item() < 1e-3
+    (seq_f, _), (seq_r, _) = both_paths(fm, lambda: fm.model.generate(x, max_new_tokens=4, do_sample=False))
+    assert torch.equal(seq_f, seq_r)
