@@ -106,13 +106,18 @@ class DecodeEngine:
         t = self.tiling.get(tuple(w.shape))
         return t["config"] if t else gemv_default(w.shape)
 
-    def _mm(self, w, x, residual=None):
-        """A plain product (no routing): the tuned Triton GEMV where it beats cuBLAS, else cuBLAS."""
-        from .kernels import cond_gemv
+    def _mm(self, w, x, residual=None, norm=None, eps=1e-6, glu=False):
+        """A plain product w @ f(x) (+ residual), f as in kernels.cond_gemv: the tuned Triton GEMV (with the
+        norm or SwiGLU fused) where it beats cuBLAS, else the small kernel and cuBLAS."""
+        from . import kernels as K
 
         t = self.tiling.get(tuple(w.shape))
         if t and t["triton_ms"] < t["cublas_ms"]:
-            return cond_gemv(w, x, config=t["config"], residual=residual)
+            return K.cond_gemv(w, x, config=t["config"], residual=residual, norm=norm, eps=eps, glu=glu)
+        if norm is not None:
+            x = K.rmsnorm(x, norm, eps)
+        if glu:
+            x = K.silu_mul(x)
         y = F.linear(x, w)
         return y if residual is None else residual + y
 
@@ -123,41 +128,39 @@ class DecodeEngine:
         nq = self.heads * self.head_dim
         h = self.embed.index_select(0, tok).reshape(-1)
         for i, L in enumerate(self.layers):
-            z = K.rmsnorm(h, L.in_norm, L.eps)
             if mode == "fixed" and i in skip:  # static skip: K/V into the cache, then the adapter
-                K.rope_cache(None, self._mm(L.wkv, z), self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
-                             self.heads, self.kv_heads, self.head_dim)
-                x = K.rmsnorm(h, L.post_norm, L.eps)
-                h = self._mm(L.a_down, K.silu_mul(self._mm(L.a_gate_up, x)), residual=h)
+                K.rope_cache(None, self._mm(L.wkv, h, norm=L.in_norm, eps=L.eps), self.cos, self.sin, pos,
+                             self.k_cache[i], self.v_cache[i], self.heads, self.kv_heads, self.head_dim)
+                gu = self._mm(L.a_gate_up, h, norm=L.post_norm, eps=L.eps)
+                h = self._mm(L.a_down, gu, glu=True, residual=h)
                 continue
             if mode == "routed" and L.routed:
-                h = self._routed_layer(L, i, h, z, pos, flags[i:i + 1])
+                h = self._routed_layer(L, i, h, pos, flags[i:i + 1])
                 continue
-            qkv = self._mm(L.wqkv, z)
+            qkv = self._mm(L.wqkv, h, norm=L.in_norm, eps=L.eps)
             q = K.rope_cache(qkv[:nq], qkv[nq:], self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
                              self.heads, self.kv_heads, self.head_dim)
             h = self._mm(L.wo, K.attend(q, self.k_cache[i], self.v_cache[i], pos, self.scale), residual=h)
-            x = K.rmsnorm(h, L.post_norm, L.eps)
-            h = self._mm(L.w_down, K.silu_mul(self._mm(L.w_gate_up, x)), residual=h)
-        return self._mm(self.lm_head, K.rmsnorm(h, self.norm, self.norm_eps))
+            h = self._mm(L.w_down, self._mm(L.w_gate_up, h, norm=L.post_norm, eps=L.eps), glu=True, residual=h)
+        return self._mm(self.lm_head, h, norm=self.norm, eps=self.norm_eps)
 
-    def _routed_layer(self, L, i, h, z, pos, flag):
+    def _routed_layer(self, L, i, h, pos, flag):
         """Router on the device -> flag; every kernel below reads it (no host sync, one graph)."""
         from . import kernels as K
 
-        nq = self.heads * self.head_dim
-        K.router_tail(self._mm(L.r_enc, z), L.r_norm, L.r_v, L.r_bias, flag, L.r_eps, self._logit_tau)
-        qkv = K.cond_gemv(L.wqkv, z, flag, cond_rows=nq, config=self._cfg(L.wqkv))  # K/V rows always run
+        nq, cfg = self.heads * self.head_dim, self._cfg
+        K.router_tail(self._mm(L.r_enc, h, norm=L.in_norm, eps=L.eps), L.r_norm, L.r_v, L.r_bias, flag, L.r_eps,
+                      self._logit_tau)
+        qkv = K.cond_gemv(L.wqkv, h, flag, cond_rows=nq, norm=L.in_norm, eps=L.eps, config=cfg(L.wqkv))  # K/V: always
         q = K.rope_cache(qkv[:nq], qkv[nq:], self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
                          self.heads, self.kv_heads, self.head_dim)
         a = K.attend(q, self.k_cache[i], self.v_cache[i], pos, self.scale, flag)
-        h = K.cond_gemv(L.wo, a, flag, residual=h, pass_on_skip=True, config=self._cfg(L.wo))  # skip: h as is
-        x = K.rmsnorm(h, L.post_norm, L.eps)
+        h = K.cond_gemv(L.wo, a, flag, residual=h, pass_on_skip=True, config=cfg(L.wo))  # skipped: h as is
         out = torch.empty_like(h)  # written by exactly one of: the MLP (flag 1), the adapter (flag 0)
-        act = K.silu_mul(K.cond_gemv(L.w_gate_up, x, flag, config=self._cfg(L.w_gate_up)), flag)
-        K.cond_gemv(L.w_down, act, flag, residual=h, out=out, config=self._cfg(L.w_down))
-        act = K.silu_mul(K.cond_gemv(L.a_gate_up, x, flag, run_when=0, config=self._cfg(L.a_gate_up)), flag, 0)
-        K.cond_gemv(L.a_down, act, flag, run_when=0, residual=h, out=out, config=self._cfg(L.a_down))
+        gu = K.cond_gemv(L.w_gate_up, h, flag, norm=L.post_norm, eps=L.eps, config=cfg(L.w_gate_up))
+        K.cond_gemv(L.w_down, gu, flag, glu=True, residual=h, out=out, config=cfg(L.w_down))
+        gu = K.cond_gemv(L.a_gate_up, h, flag, run_when=0, norm=L.post_norm, eps=L.eps, config=cfg(L.a_gate_up))
+        K.cond_gemv(L.a_down, gu, flag, run_when=0, glu=True, residual=h, out=out, config=cfg(L.a_down))
         return out
 
     @property

@@ -14,10 +14,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _cond_gemv(W, X, Y, R, FLAG, K, COND_ROWS, RUN_WHEN: tl.constexpr, HAS_FLAG: tl.constexpr,
-               HAS_RES: tl.constexpr, PASS_ON_SKIP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y = W @ X (+ R). With a flag, programs whose rows lie below COND_ROWS work only if flag == RUN_WHEN;
-    otherwise they return at once (their weights are never read) or, with PASS_ON_SKIP, write Y = R."""
+def _cond_gemv(W, X, Y, R, FLAG, NW, K, COND_ROWS, eps, RUN_WHEN: tl.constexpr, HAS_FLAG: tl.constexpr,
+               HAS_RES: tl.constexpr, PASS_ON_SKIP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y = W @ f(X) (+ R), f = identity, RMSNorm with weight NW (NORM: the token's rms is a scalar, so it is
+    applied after the dot product, in the same pass), or silu(X[:K]) * X[K:] (GLU: a SwiGLU's down input).
+    With a flag, programs whose rows lie below COND_ROWS work only if flag == RUN_WHEN; otherwise they
+    return at once (their weights are never read) or, with PASS_ON_SKIP, write Y = R."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     run = True
@@ -27,11 +30,21 @@ def _cond_gemv(W, X, Y, R, FLAG, K, COND_ROWS, RUN_WHEN: tl.constexpr, HAS_FLAG:
         cols = tl.arange(0, BLOCK_K)
         ptrs = W + rows[:, None].to(tl.int64) * K + cols[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = tl.load(ptrs + k0)
-            x = tl.load(X + k0 + cols)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = tl.load(X + k0 + cols).to(tl.float32)
+            if NORM:
+                ss += x * x
+                x = x * tl.load(NW + k0 + cols).to(tl.float32)
+            if GLU:
+                u = tl.load(X + K + k0 + cols).to(tl.float32)
+                x = (x / (1.0 + tl.exp(-x))).to(Y.dtype.element_ty).to(tl.float32) * u
+                x = x.to(Y.dtype.element_ty).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if NORM:
+            y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
         if HAS_RES:  # as HF: the projection is rounded to the dtype before the residual add
             y = y.to(Y.dtype.element_ty).to(tl.float32) + tl.load(R + rows).to(tl.float32)
         tl.store(Y + rows, y.to(Y.dtype.element_ty))
@@ -60,16 +73,19 @@ def gemv_default(shape):
 
 def cond_gemv(w: torch.Tensor, x: torch.Tensor, flag: torch.Tensor | None = None, run_when: int = 1,
               config=(8, 256, 4), out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-              pass_on_skip: bool = False, cond_rows: int | None = None) -> torch.Tensor:
-    """y = w @ x (+ residual); w [n, k] contiguous, x [k]. With `flag`, rows below `cond_rows` (default:
-    all) are computed only if flag[0] == run_when; skipped rows are left alone, or set to `residual` if
-    pass_on_skip. Two calls with opposite run_when may share `out`: exactly one of them writes it."""
+              pass_on_skip: bool = False, cond_rows: int | None = None, norm: torch.Tensor | None = None,
+              eps: float = 1e-6, glu: bool = False) -> torch.Tensor:
+    """y = w @ f(x) (+ residual); w [n, k] contiguous; x [k] ([2k] with glu). f: RMSNorm with weight `norm`,
+    or silu(x[:k]) * x[k:] with glu, or nothing. With `flag`, rows below `cond_rows` (default: all) are
+    computed only if flag[0] == run_when; skipped rows are left alone, or set to `residual` if pass_on_skip.
+    Two calls with opposite run_when may share `out`: exactly one of them writes it."""
     n, k = w.shape
     bn, bk, warps = config
     y = torch.empty(n, device=w.device, dtype=w.dtype) if out is None else out
-    _cond_gemv[(n // bn,)](w, x, y, residual if residual is not None else y, flag if flag is not None else y, k,
-                           n if cond_rows is None else cond_rows, RUN_WHEN=run_when, HAS_FLAG=flag is not None,
-                           HAS_RES=residual is not None, PASS_ON_SKIP=pass_on_skip, BLOCK_N=bn, BLOCK_K=bk,
+    _cond_gemv[(n // bn,)](w, x, y, residual if residual is not None else y, flag if flag is not None else y,
+                           norm if norm is not None else x, k, n if cond_rows is None else cond_rows, eps,
+                           RUN_WHEN=run_when, HAS_FLAG=flag is not None, HAS_RES=residual is not None,
+                           PASS_ON_SKIP=pass_on_skip, NORM=norm is not None, GLU=glu, BLOCK_N=bn, BLOCK_K=bk,
                            num_warps=warps)
     return y
 

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flexicli.bench import time_decode  # noqa: E402
 from flexicli.engine import DecodeEngine  # noqa: E402
 from flexicli.model import FlexiModel  # noqa: E402
 
@@ -168,11 +169,11 @@ def speed(args) -> dict:
     eng_tokens = graphs["engine_full"].generate(16)
     res["check"]["greedy16_engine_equals_hf"] = bool(torch.equal(hf_tokens, eng_tokens))
 
-    times = {k: [] for k in ("hf_full", "hf_routed", *graphs)}
+    times = {k: [] for k in ("hf_full", "hf_routed", "hf_loop_full", *graphs)}
     with torch.no_grad():
         for name in times:  # warm-up
             if name.startswith("hf"):
-                with fm.routing("full" if name == "hf_full" else "routed"):
+                with fm.routing("routed" if name == "hf_routed" else "full"):
                     hf_generate_tps(model, ids, 4)
             else:
                 engine_tps(graphs[name], ids, 8)
@@ -180,8 +181,11 @@ def speed(args) -> dict:
             for name in times:
                 if name.startswith("hf"):
                     if r < args.hf_repeats:
-                        with fm.routing("full" if name == "hf_full" else "routed"):
-                            times[name].append(hf_generate_tps(model, ids, args.hf_tokens))
+                        with fm.routing("routed" if name == "hf_routed" else "full"):
+                            if name == "hf_loop_full":  # forward + argmax per token, DynamicCache: no generate()
+                                times[name].append(args.hf_tokens / time_decode(model, ids, args.hf_tokens))
+                            else:
+                                times[name].append(hf_generate_tps(model, ids, args.hf_tokens))
                 else:
                     times[name].append(engine_tps(graphs[name], ids, args.new_tokens))
             log(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items() if v))
@@ -189,6 +193,7 @@ def speed(args) -> dict:
     res["tokens_per_s"] = tps
     res["all_tokens_per_s"] = times
     res["engine_full_over_hf_full"] = tps["engine_full"] / tps["hf_full"]
+    res["engine_full_over_hf_loop_full"] = tps["engine_full"] / tps["hf_loop_full"]
     res["engine_routed_over_engine_full"] = tps["engine_routed"] / tps["engine_full"]
     res["engine_fixed_over_engine_full"] = tps["engine_fixed"] / tps["engine_full"]
     res["hf_routed_over_hf_full"] = tps["hf_routed"] / tps["hf_full"]
