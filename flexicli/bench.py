@@ -9,8 +9,9 @@ Configurations, all on the same weights in the same process:
               router skips most on the benchmark text at its threshold, the latest layers first on ties
               (a fresh checkpoint, which skips nothing, therefore gets the last N)
     run       every routed layer runs every token, routers still computed: the routing overhead
-The machine may be shared and noisy, so the configurations are interleaved, every measurement is
-repeated, and each figure is the median of its repeats; ratios compare figures from the same run.
+The machine may be shared and noisy, so the configurations are interleaved (one round = each configuration
+once, in a rotating order), tokens/s are medians over rounds, and each ratio is the median over rounds of
+(original time / configuration time) within the round.
 Prefill asks for the last position's logits only (as generation does), with a KV cache built.
 Decode is greedy, one token a step, with the KV cache, after a prompt that is not timed.
 """
@@ -65,29 +66,39 @@ def _routing(fm, config: str, skip_layers):
     return fm.routing(config)  # "routed" (at the checkpoint's threshold) or "run"
 
 
-def time_prefill(model, ids: torch.Tensor) -> float:
-    device = ids.device
-    with torch.no_grad():
-        _sync(device)
-        t0 = time.perf_counter()
+class _Clock:
+    """Wall-clock seconds (what a user waits) and this process's CPU seconds (on a shared CPU, the time other
+    processes take from us does not count there: a steadier ratio, reported beside the wall-clock one)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def time_prefill(model, ids: torch.Tensor) -> _Clock:
+    with torch.no_grad(), _Clock(ids.device) as clock:
         model(ids, use_cache=True, logits_to_keep=1)
-        _sync(device)
-    return time.perf_counter() - t0
+    return clock
 
 
-def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for `new_tokens` greedy steps after an untimed prefill of `prompt`."""
-    device = prompt.device
+def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> _Clock:
+    """The clock of `new_tokens` greedy steps after an untimed prefill of `prompt`."""
     with torch.no_grad():
         out = model(prompt, use_cache=True, logits_to_keep=1)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _sync(device)
-    return time.perf_counter() - t0
+        with _Clock(prompt.device) as clock:
+            for _ in range(new_tokens):
+                out = model(nxt, past_key_values=cache, use_cache=True)
+                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return clock
 
 
 def mean_skipped(fm, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
@@ -103,8 +114,8 @@ def mean_skipped(fm, prompt: torch.Tensor, new_tokens: int) -> tuple[float, floa
     return skipped[:, :t].mean().item(), skipped[:, t:].mean().item()
 
 
-def run_bench(fm, skip: int = 8, prefill_len: int = 512, decode_prompt: int = 64, new_tokens: int = 16,
-              repeats: int = 3, progress=None) -> dict:
+def run_bench(fm, skip: int = 8, prefill_len: int = 512, decode_prompt: int = 64, new_tokens: int = 8,
+              repeats: int = 5, progress=None) -> dict:
     from .errors import BadInput
 
     n_routed = len(fm.config.routed_layers)
@@ -134,11 +145,17 @@ def run_bench(fm, skip: int = 8, prefill_len: int = 512, decode_prompt: int = 64
                 progress(r * len(CONFIGS) + i + 1, repeats * len(CONFIGS))
 
     tps = {}
-    for (kind, config), secs in times.items():
+    for (kind, config), clocks in times.items():
         tokens = prefill_len if kind == "prefill" else new_tokens
-        tps.setdefault(kind, {})[config] = tokens / statistics.median(secs)
+        tps.setdefault(kind, {})[config] = tokens / statistics.median(c.wall for c in clocks)
     skipped_prefill, skipped_decode = mean_skipped(fm, prompt, new_tokens)
-    ratio = {f"{kind}_{c}": tps[kind][c] / tps[kind]["original"] for kind in tps for c in CONFIGS[1:]}
+
+    def paired(attr):  # each configuration against the original timed in the same round, median over rounds
+        return {f"{kind}_{c}": statistics.median(getattr(o, attr) / getattr(t, attr)
+                                                 for o, t in zip(times[kind, "original"], times[kind, c]))
+                for kind in ("prefill", "decode") for c in CONFIGS[1:]}
+
+    ratio, cpu_ratio = paired("wall"), paired("cpu")
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": str(next(fm.model.parameters()).dtype).removeprefix("torch."),
@@ -155,6 +172,7 @@ def run_bench(fm, skip: int = 8, prefill_len: int = 512, decode_prompt: int = 64
         "fixed_decode_ratio": ratio["decode_fixed"],
         "overhead_prefill_ratio": ratio["prefill_run"],
         "overhead_decode_ratio": ratio["decode_run"],
+        "cpu_time_ratios": cpu_ratio,  # same pairs, this process's CPU seconds instead of wall-clock
         "skip": skip,
         "skip_layers": skip_layers,
         "routed_usage": dict(zip(map(str, fm.config.routed_layers), (round(u, 4) for u in usage))),

@@ -12,6 +12,11 @@ Data flow of a routed layer (FlexiDepth, as the released checkpoint computes it)
 With gradients enabled the hard decision `run` enters the forward value as `run + w - stopgrad(w)`: the
 forward value is exactly the hard-routed model (so a model whose routers run everything reproduces the
 original), and the router learns from the difference between running and skipping (straight-through).
+
+Without gradients (inference) the layer takes the fast path: a skipped token computes only its K/V, the
+router and the adapter; queries, attention and MLP run for the gathered running tokens (flexicli/fastpath.py,
+same logits as the reference path, tests/test_fastpath.py). `RoutingState.fast_path = False` forces the
+reference path.
 """
 
 from __future__ import annotations
@@ -62,6 +67,18 @@ class Router(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Gate w in (0, 1), shape z.shape[:-1], in float32."""
         logit = self.head(self.dec(torch.tanh(self.norm(self.enc(z))))).squeeze(-1)
+        return torch.sigmoid(logit.float() + self.bias.float())
+
+    def infer(self, z: torch.Tensor) -> torch.Tensor:
+        """forward's value (to rounding) in fewer ops, for inference where the router runs every decode step
+        of every routed layer: head(dec(.)) is one vector (no nonlinearity between them), the norm one op."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.head.weight, self.dec.weight))
+        if getattr(self, "_folded", (None,))[0] != key:
+            folded = (self.head.weight.float() @ self.dec.weight.float()).to(self.dec.weight.dtype)
+            self._folded = (key, folded)
+        e = nn.functional.linear(z, self.enc.weight)
+        n = nn.functional.rms_norm(e.float(), (e.shape[-1],), eps=self.norm.eps).to(e.dtype) * self.norm.weight
+        logit = nn.functional.linear(torch.tanh(n), self._folded[1]).squeeze(-1)
         return torch.sigmoid(logit.float() + self.bias.float())
 
 
@@ -141,7 +158,7 @@ class FlexiLayer(nn.Module):
 
         attn_norm = self._part(self.parts.attn_norm)
         z = attn_norm(hidden_states) if attn_norm is not None else hidden_states
-        w = self.router(z)
+        w = self.router(z) if torch.is_grad_enabled() else self.router.infer(z)
         run = self._decisions(w)
         if state.records is not None:
             state.records.append((self.layer_index, run.detach()))

@@ -183,7 +183,7 @@ def speed(args) -> dict:
                     if r < args.hf_repeats:
                         with fm.routing("routed" if name == "hf_routed" else "full"):
                             if name == "hf_loop_full":  # forward + argmax per token, DynamicCache: no generate()
-                                times[name].append(args.hf_tokens / time_decode(model, ids, args.hf_tokens))
+                                times[name].append(args.hf_tokens / time_decode(model, ids, args.hf_tokens).wall)
                             else:
                                 times[name].append(hf_generate_tps(model, ids, args.hf_tokens))
                 else:

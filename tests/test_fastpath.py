@@ -141,3 +141,15 @@ def test_smollm2_fast_path_equals_reference(smollm2):
     assert (fast - ref).abs().max().item() < 1e-3
     (seq_f, _), (seq_r, _) = both_paths(fm, lambda: fm.model.generate(x, max_new_tokens=4, do_sample=False))
     assert torch.equal(seq_f, seq_r)
+
+
+def test_router_inference_form_equals_forward():
+    from flexicli.layer import Router
+
+    r = Router(64)
+    torch.nn.init.normal_(r.head.weight, std=0.5)
+    z = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        assert torch.allclose(r.infer(z), r(z), atol=1e-6)
+        r.head.weight.mul_(-1)  # an in-place update (an optimizer step) must refresh the folded vector
+        assert torch.allclose(r.infer(z), r(z), atol=1e-6)

@@ -12,8 +12,8 @@ from .common import device_options, emit_json, json_option, model_option, stderr
 @click.option("--skip", default=8, show_default=True, type=int, help="Routed layers forced to skip in 'fixed'.")
 @click.option("--prefill-len", default=512, show_default=True, type=int, help="Prefill shape 1 x N tokens.")
 @click.option("--decode-prompt", default=64, show_default=True, type=int, help="Untimed prompt before decoding.")
-@click.option("--new-tokens", default=16, show_default=True, type=int, help="Greedy decode steps timed.")
-@click.option("--repeats", default=3, show_default=True, type=int, help="Timed repeats per configuration.")
+@click.option("--new-tokens", default=8, show_default=True, type=int, help="Greedy decode steps timed.")
+@click.option("--repeats", default=5, show_default=True, type=int, help="Timed rounds (each configuration once per round).")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch (default: torch's own choice).")
 @device_options
 @json_option
@@ -46,17 +46,24 @@ def command(model_dir, skip, prefill_len, decode_prompt, new_tokens, repeats, th
     table = Table(title=f"flexi bench on {result['device']}, {result['dtype']}")
     table.add_column("configuration")
     table.add_column(f"prefill tok/s (1x{prefill_len})", justify="right")
-    table.add_column("ratio", justify="right")
+    table.add_column("ratio (cpu-time)", justify="right")
     table.add_column(f"decode tok/s (1 x {new_tokens} steps)", justify="right")
-    table.add_column("ratio", justify="right")
+    table.add_column("ratio (cpu-time)", justify="right")
     skipped = result["mean_skipped_at_threshold"]
     labels = {"original": "original",
               "routed": f"routed, threshold {result['threshold']:g} (skips {skipped['prefill']:.1f} / "
                         f"{skipped['decode']:.1f} layers)",
               "fixed": f"fixed: layers {','.join(map(str, result['skip_layers']))} skip",
               "run": "routed, nothing skipped (overhead)"}
+    wall = {"routed": (result["prefill_ratio"], result["decode_ratio"]),
+            "fixed": (result["fixed_prefill_ratio"], result["fixed_decode_ratio"]),
+            "run": (result["overhead_prefill_ratio"], result["overhead_decode_ratio"])}
+    cpu = result["cpu_time_ratios"]
     for config, label in labels.items():
         p, d = tps["prefill"][config], tps["decode"][config]
-        table.add_row(label, f"{p:.1f}", f"{p / tps['prefill']['original']:.2f}x",
-                      f"{d:.2f}", f"{d / tps['decode']['original']:.2f}x")
+        if config == "original":
+            table.add_row(label, f"{p:.1f}", "1", f"{d:.2f}", "1")
+            continue
+        table.add_row(label, f"{p:.1f}", f"{wall[config][0]:.2f}x ({cpu['prefill_' + config]:.2f}x)",
+                      f"{d:.2f}", f"{wall[config][1]:.2f}x ({cpu['decode_' + config]:.2f}x)")
     Console().print(table)
