@@ -14,8 +14,8 @@ gain. Here a routed layer's router writes a flag in device memory and the layer'
 skips, while the adapter's kernels run only then. K/V are always computed and written (the cache stays
 complete). The "full" graph uses cuBLAS for every projection: the ratio is against the best plain engine.
 
-Supported: llama-like layers without q/k norms (llama, mistral, qwen2 shapes); others raise UnsupportedModel
-and keep the HF path.
+Supported: llama-style layers without q/k norms or biases (llama, mistral within its sliding window); others
+raise UnsupportedModel and keep the HF path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .errors import UnsupportedModel
 
-_SUPPORTED = ("llama", "mistral", "qwen2")
+_SUPPORTED = ("llama", "mistral")  # qwen2 has q/k/v biases, qwen3 q/k norms: not (yet) in the kernels
 
 
 class _Layer:
@@ -35,8 +35,9 @@ class _Layer:
 
     def __init__(self, layer, flexi_layer=None):
         attn, mlp = layer.self_attn, layer.mlp
-        if getattr(attn, "q_norm", None) is not None or getattr(attn.q_proj, "bias", None) is not None:
-            raise UnsupportedModel("the decode engine covers llama-style attention without q/k norms or biases")
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if getattr(attn, "q_norm", None) is not None or any(lin.bias is not None for lin in linears):
+            raise UnsupportedModel("the decode engine covers llama-style layers without q/k norms or biases")
         self.in_norm, self.post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.eps = layer.input_layernorm.variance_epsilon
         self.wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
@@ -62,6 +63,9 @@ class DecodeEngine:
             raise UnsupportedModel("the decode engine implements hard routing (gate mode 'ste'), not 'scale'")
         if cfg.model_type not in _SUPPORTED:
             raise UnsupportedModel(f"the GPU decode engine covers {', '.join(_SUPPORTED)}, not {cfg.model_type!r}")
+        window = getattr(cfg, "sliding_window", None)
+        if window and max_len > window:  # the engine's attention has no window
+            raise UnsupportedModel(f"contexts past the sliding window ({window}) are not supported by the engine")
         dev = next(hf_model.parameters()).device
         if dev.type != "cuda":
             raise UnsupportedModel("the decode engine needs a CUDA device")
