@@ -156,6 +156,8 @@ def run_bench(fm, skip: int = 8, prefill_len: int = 512, decode_prompt: int = 64
                 for kind in ("prefill", "decode") for c in CONFIGS[1:]}
 
     ratio, cpu_ratio = paired("wall"), paired("cpu")
+    engine = engine_bench(fm, prompt, new_tokens, skip_layers, repeats, tps["decode"]["original"]) \
+        if device.type == "cuda" else "CPU run: the GPU decode engine needs CUDA"
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": str(next(fm.model.parameters()).dtype).removeprefix("torch."),
@@ -173,8 +175,37 @@ def run_bench(fm, skip: int = 8, prefill_len: int = 512, decode_prompt: int = 64
         "overhead_prefill_ratio": ratio["prefill_run"],
         "overhead_decode_ratio": ratio["decode_run"],
         "cpu_time_ratios": cpu_ratio,  # same pairs, this process's CPU seconds instead of wall-clock
+        "engine": engine,  # GPU decode engine (flexicli/engine.py): a dict of figures, or why it did not run
         "skip": skip,
         "skip_layers": skip_layers,
         "routed_usage": dict(zip(map(str, fm.config.routed_layers), (round(u, 4) for u in usage))),
         "mean_skipped_at_threshold": {"prefill": skipped_prefill, "decode": skipped_decode},
+    }
+
+
+def engine_bench(fm, prompt: torch.Tensor, new_tokens: int, skip_layers, repeats: int, hf_original_tps: float):
+    """Batch-1 greedy decode on the GPU engine: full model, routers at the threshold (decided on the device),
+    and `skip_layers` statically reduced to K/V + adapter. Ratios are within-round, medians over rounds."""
+    from .engine import DecodeEngine, engine_available
+
+    reason = engine_available(fm)
+    if reason is not None:
+        return f"not run: {reason}"
+    engine = DecodeEngine(fm.model, fm, max_len=prompt.shape[1] + new_tokens + 8)
+    graphs = {"full": engine.graph("full"), "routed": engine.graph("routed"),
+              "fixed": engine.graph("fixed", skip_layers=skip_layers)}
+    secs = {name: [] for name in graphs}
+    for r in range(repeats + 1):  # the first round warms up
+        for name, g in graphs.items():
+            g.prefill(prompt)
+            with _Clock(prompt.device) as clock:
+                g.generate(new_tokens)
+            if r:
+                secs[name].append(clock.wall)
+    tps = {name: new_tokens / statistics.median(v) for name, v in secs.items()}
+    return {
+        "decode_tokens_per_s": tps,
+        "full_over_hf_original": tps["full"] / hf_original_tps,
+        "routed_over_full": statistics.median(f / t for f, t in zip(secs["full"], secs["routed"])),
+        "fixed_over_full": statistics.median(f / t for f, t in zip(secs["full"], secs["fixed"])),
     }

@@ -45,6 +45,7 @@ def test_run_bench_reports_every_configuration():
                                                / r["tokens_per_s"]["prefill"]["original"])
     assert r["mean_skipped_at_threshold"] == {"prefill": 1.0, "decode": 1.0}
     assert r["device"].startswith("cpu") and r["shapes"]["prefill"] == [1, 16]
+    assert r["engine"].startswith("CPU run")
 
 
 def test_bad_skip_is_bad_input():
@@ -69,6 +70,14 @@ def test_cli_json(tiny_ckpt):
     out = json.loads(r.stdout)
     assert {"prefill_ratio", "decode_ratio", "device"} <= set(out)
     assert out["skip_layers"] == [1]
+
+
+def test_cli_table(tiny_ckpt):
+    r = flexi("bench", "-m", str(tiny_ckpt), "--skip", "1", "--prefill-len", "16", "--decode-prompt", "4",
+              "--new-tokens", "2", "--repeats", "1", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "flexi bench on cpu" in r.stdout and "original" in r.stdout
+    assert "GPU decode engine: CPU run" in r.stdout
 
 
 @pytest.mark.parametrize("args,needle", [(["--skip", "5"], "routes 1 layers"), (["--threads", "0"], "--threads 0")])

@@ -45,3 +45,15 @@ def test_engine_matches_reference_and_records_decisions():
         hf = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 12:]
     tokens, decisions = greedy_decode(fm, ids, 6)
     assert torch.equal(tokens, hf.cpu()) and torch.equal(decisions, rec.decisions()[0])
+
+
+@cuda
+def test_bench_on_cuda_reports_the_engine():
+    from flexicli.bench import run_bench
+
+    fm = FlexiModel.wrap(tiny_model("llama").to("cuda"), routed_layers=[0, 1], base_model="tiny")
+    r = run_bench(fm, skip=1, prefill_len=16, decode_prompt=4, new_tokens=4, repeats=1)
+    engine = r["engine"]
+    assert isinstance(engine, dict), engine
+    assert set(engine["decode_tokens_per_s"]) == {"full", "routed", "fixed"}
+    assert engine["routed_over_full"] > 0 and engine["full_over_hf_original"] > 0

@@ -66,4 +66,13 @@ def command(model_dir, skip, prefill_len, decode_prompt, new_tokens, repeats, th
             continue
         table.add_row(label, f"{p:.1f}", f"{wall[config][0]:.2f}x ({cpu['prefill_' + config]:.2f}x)",
                       f"{d:.2f}", f"{wall[config][1]:.2f}x ({cpu['decode_' + config]:.2f}x)")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    engine = result["engine"]
+    if isinstance(engine, dict):
+        e = engine["decode_tokens_per_s"]
+        console.print(f"GPU decode engine (one CUDA graph per step): full {e['full']:.1f} tok/s "
+                      f"({engine['full_over_hf_original']:.2f}x HF decode), routed {e['routed']:.1f} "
+                      f"({engine['routed_over_full']:.3f}x full), fixed {e['fixed']:.1f} ({engine['fixed_over_full']:.3f}x)")
+    else:
+        console.print(f"GPU decode engine: {engine}")
