@@ -77,9 +77,11 @@ class Router(nn.Module):
             folded = (self.head.weight.float() @ self.dec.weight.float()).to(self.dec.weight.dtype)
             self._folded = (key, folded)
         e = nn.functional.linear(z, self.enc.weight)
-        n = nn.functional.rms_norm(e.float(), (e.shape[-1],), eps=self.norm.eps).to(e.dtype) * self.norm.weight
+        f32 = e.dtype == torch.float32  # skip no-op casts: each is a dispatch on every decode step
+        n = nn.functional.rms_norm(e if f32 else e.float(), (e.shape[-1],), eps=self.norm.eps)
+        n = (n if f32 else n.to(e.dtype)) * self.norm.weight
         logit = nn.functional.linear(torch.tanh(n), self._folded[1]).squeeze(-1)
-        return torch.sigmoid(logit.float() + self.bias.float())
+        return torch.sigmoid((logit if f32 else logit.float()) + (self.bias if f32 else self.bias.float()))
 
 
 class Adapter(nn.Module):
@@ -194,7 +196,7 @@ class FlexiLayer(nn.Module):
         attn_out_norm, mlp_norm, post = (self._part(n) if n else _identity
                                          for n in (p.attn_out_norm, p.mlp_norm, p.mlp_out_norm))
         mlp = self._part(p.mlp)
-        if bool(run.all()):  # nothing to skip: the layer as written, on the z the router already needed
+        if bool(run) if run.numel() == 1 else bool(run.all()):  # nothing to skip: the layer as written
             h = h + attn_out_norm(self._part(p.attn)(hidden_states=z, **call)[0])
             y = post(mlp(mlp_norm(h)))
             return h + (y * w.to(y.dtype).unsqueeze(-1) if scale else y)
