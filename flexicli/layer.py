@@ -72,7 +72,10 @@ class Router(nn.Module):
     def infer(self, z: torch.Tensor) -> torch.Tensor:
         """forward's value (to rounding) in fewer ops, for inference where the router runs every decode step
         of every routed layer: head(dec(.)) is one vector (no nonlinearity between them), the norm one op."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.head.weight, self.dec.weight))
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in (self.head.weight, self.dec.weight))
+        except RuntimeError:  # weights made under torch.inference_mode have no version counter (nor updates)
+            key = (self.head.weight.data_ptr(), self.dec.weight.data_ptr())
         if getattr(self, "_folded", (None,))[0] != key:
             folded = (self.head.weight.float() @ self.dec.weight.float()).to(self.dec.weight.dtype)
             self._folded = (key, folded)
