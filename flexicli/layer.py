@@ -12,6 +12,11 @@ Data flow of a routed layer (FlexiDepth, as the released checkpoint computes it)
 With gradients enabled the hard decision `run` enters the forward value as `run + w - stopgrad(w)`: the
 forward value is exactly the hard-routed model (so a model whose routers run everything reproduces the
 original), and the router learns from the difference between running and skipping (straight-through).
+
+Without gradients (inference) the layer takes the fast path: a skipped token computes only its K/V, the
+router and the adapter; queries, attention and MLP run for the gathered running tokens (flexicli/fastpath.py,
+same logits as the reference path, tests/test_fastpath.py). `RoutingState.fast_path = False` forces the
+reference path.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from .families import LayerParts
 
 # Block arguments that belong to the block, not to its self-attention (GPT-2's cross-attention inputs).
 _BLOCK_ONLY_ARGS = ("encoder_hidden_states", "encoder_attention_mask")
+
+
+def _identity(x):
+    return x
 
 
 class RMSNorm(nn.Module):
@@ -60,6 +69,23 @@ class Router(nn.Module):
         logit = self.head(self.dec(torch.tanh(self.norm(self.enc(z))))).squeeze(-1)
         return torch.sigmoid(logit.float() + self.bias.float())
 
+    def infer(self, z: torch.Tensor) -> torch.Tensor:
+        """forward's value (to rounding) in fewer ops, for inference where the router runs every decode step
+        of every routed layer: head(dec(.)) is one vector (no nonlinearity between them), the norm one op."""
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in (self.head.weight, self.dec.weight))
+        except RuntimeError:  # weights made under torch.inference_mode have no version counter (nor updates)
+            key = (self.head.weight.data_ptr(), self.dec.weight.data_ptr())
+        if getattr(self, "_folded", (None,))[0] != key:
+            folded = (self.head.weight.float() @ self.dec.weight.float()).to(self.dec.weight.dtype)
+            self._folded = (key, folded)
+        e = nn.functional.linear(z, self.enc.weight)
+        f32 = e.dtype == torch.float32  # skip no-op casts: each is a dispatch on every decode step
+        n = nn.functional.rms_norm(e if f32 else e.float(), (e.shape[-1],), eps=self.norm.eps)
+        n = (n if f32 else n.to(e.dtype)) * self.norm.weight
+        logit = nn.functional.linear(torch.tanh(n), self._folded[1]).squeeze(-1)
+        return torch.sigmoid((logit if f32 else logit.float()) + (self.bias if f32 else self.bias.float()))
+
 
 class Adapter(nn.Module):
     """SwiGLU MLP with a small intermediate size; what a skipped token gets instead of the layer's MLP.
@@ -92,6 +118,7 @@ class RoutingState:
     records: list | None = None  # when a list: each layer appends (layer_index, run mask [B, T])
     gates: list | None = None  # when a list: each layer appends (layer_index, w, run) for the training loss
     checkpointing: bool = False  # training: recompute each routed layer in backward instead of storing activations
+    fast_path: bool = True  # without gradients, skipped tokens compute only K/V (False: the reference path)
     MODES: tuple = field(default=("routed", "full", "run", "skip", "fixed"), repr=False)
 
 
@@ -133,25 +160,34 @@ class FlexiLayer(nn.Module):
 
     def _routed_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         state = self.state
-        bound = self._signature.bind(hidden_states, *args, **kwargs)
-        call = dict(bound.arguments)
-        call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})
-        call.pop("hidden_states", None)
+        if args:  # positional extras: name them by the base layer's signature
+            bound = self._signature.bind(hidden_states, *args, **kwargs)
+            call = dict(bound.arguments)
+            call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})
+            call.pop("hidden_states", None)
+        else:  # how HF models call their layers (all keywords): no binding cost on every decode step
+            call = dict(kwargs)
         for name in _BLOCK_ONLY_ARGS:
             call.pop(name, None)
 
-        p = self.parts
-        attn_norm, attn_out_norm = self._part(p.attn_norm), self._part(p.attn_out_norm)
-        mlp_norm, mlp_out_norm = self._part(p.mlp_norm), self._part(p.mlp_out_norm)
-
+        attn_norm = self._part(self.parts.attn_norm)
         z = attn_norm(hidden_states) if attn_norm is not None else hidden_states
-        w = self.router(z)
+        w = self.router(z) if torch.is_grad_enabled() else self.router.infer(z)
         run = self._decisions(w)
         if state.records is not None:
             state.records.append((self.layer_index, run.detach()))
         if state.gates is not None:
             state.gates.append((self.layer_index, w, run))
+        if state.fast_path and state.gates is None and not torch.is_grad_enabled():
+            return self._fast_forward(hidden_states, z, w, run, call)
+        return self._reference_forward(hidden_states, z, w, run, call)
 
+    def _reference_forward(self, hidden_states, z, w, run, call):
+        """Every token computes attention; a skipped token's output is dropped. Used for training (the
+        straight-through gate needs both branches) and for families the fast path does not cover."""
+        p, state = self.parts, self.state
+        attn_out_norm = self._part(p.attn_out_norm)
+        mlp_norm, mlp_out_norm = self._part(p.mlp_norm), self._part(p.mlp_out_norm)
         a = self._part(p.attn)(hidden_states=z, **call)[0]
         if attn_out_norm is not None:
             a = attn_out_norm(a)
@@ -163,6 +199,43 @@ class FlexiLayer(nn.Module):
 
         x = mlp_norm(h) if mlp_norm is not None else h
         return h + self._ffn(x, run, w, gate, soft, mlp_out_norm)
+
+    def _fast_forward(self, h, z, w, run, call):
+        """Inference: a skipped token computes only its K/V and the adapter (flexicli/fastpath.py)."""
+        from .fastpath import partial_attention, plan_for
+
+        p, scale = self.parts, self.state.gate_mode == "scale"
+        attn_out_norm, mlp_norm, post = (self._part(n) if n else _identity
+                                         for n in (p.attn_out_norm, p.mlp_norm, p.mlp_out_norm))
+        mlp = self._part(p.mlp)
+        if bool(run) if run.numel() == 1 else bool(run.all()):  # nothing to skip: the layer as written
+            h = h + attn_out_norm(self._part(p.attn)(hidden_states=z, **call)[0])
+            y = post(mlp(mlp_norm(h)))
+            return h + (y * w.to(y.dtype).unsqueeze(-1) if scale else y)
+        plan = plan_for(self._part(p.attn))
+        if plan is None:
+            return self._reference_forward(h, z, w, run, call)
+
+        b, t, d = h.shape
+        idx, valid, a = partial_attention(plan, z, run, call)
+        flat, wf = h.reshape(b * t, d), w.reshape(b * t)
+        out = flat.clone()
+        skipped = (~run).reshape(-1).nonzero().squeeze(1)
+        if skipped.numel():
+            hs = flat.index_select(0, skipped)
+            ys = post(self.adapter(mlp_norm(hs)))
+            if scale:
+                ys = ys * (1 - wf.index_select(0, skipped)).to(ys.dtype).unsqueeze(-1)
+            out.index_copy_(0, skipped, hs + ys)
+        if idx is not None:
+            rows = idx + t * torch.arange(b, device=idx.device)[:, None]
+            rows, a = (rows[valid], a[valid]) if valid is not None else (rows.reshape(-1), a.reshape(-1, d))
+            hr = flat.index_select(0, rows) + attn_out_norm(a)
+            yr = post(mlp(mlp_norm(hr)))
+            if scale:
+                yr = yr * wf.index_select(0, rows).to(yr.dtype).unsqueeze(-1)
+            out.index_copy_(0, rows, hr + yr)
+        return out.view(b, t, d)
 
     def _ffn(self, x, run, w, gate, soft, out_norm):
         mlp = self._part(self.parts.mlp)

@@ -17,6 +17,7 @@ VERBS = {
     "push": "Push a checkpoint and its model card to the Hub in one commit.",
     "export": "Write a folder that stock transformers loads (trust_remote_code) and runs with skipping.",
     "import": "Import a checkpoint in the official FlexiDepth format as a flexicli checkpoint.",
+    "bench": "Prefill and decode speed of the routed model against the original, in one run.",
 }
 
 
