@@ -12,6 +12,8 @@ from .common import FlexiGroup
 # verb -> module in flexicli.cli; imported only when that verb runs, so `flexi --help` stays instant.
 VERBS = {
     "convert": "Wrap a Hugging Face decoder with routers and adapters (base weights untouched).",
+    "generate": "Generate text; --show-layers colours each token by the layers it used.",
+    "patterns": "Which tokens need depth: per-layer usage, per-category means, HTML report + dataset.",
 }
 
 
