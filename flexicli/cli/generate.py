@@ -44,7 +44,7 @@ def command(prompt, model_dir, base, show_layers, max_new_tokens, temperature, t
         lm = open_model(model_dir, base=base, device=device, dtype=dtype)
     if lm.flexi is None:
         err.print(f"note: {lm.source} is a base model, not a flexicli checkpoint: running the original model "
-                  "(every token uses every layer)")
+                  "(every token uses every layer)", soft_wrap=True)
         if compare or threshold is not None:
             raise BadInput(f"{'--compare' if compare else '--threshold'} needs a flexicli checkpoint",
                            "pass -m with a folder written by `flexi convert`")
