@@ -182,6 +182,7 @@ def open_model(model_dir: str | None = None, base: str | None = None, device: st
     (a .gguf file, or a folder with config.json and no flexi_config.json) is opened as a base model too."""
     from .base import EMBEDDED, load_base
     from .checkpoint import CONFIG_FILE
+    from .errors import CheckpointError
     from .model import FlexiModel
 
     if base is None and model_dir is not None:
@@ -192,7 +193,12 @@ def open_model(model_dir: str | None = None, base: str | None = None, device: st
         spec = None if base in ("embedded", EMBEDDED) else base
         model, tokenizer, info = load_base(spec, dtype=dtype, device=device)
         return LayerModel(model, tokenizer, None, info.base_model)
-    fm = FlexiModel.load(model_dir, device=device, dtype=dtype)
+    try:
+        fm = FlexiModel.load(model_dir, device=device, dtype=dtype)
+    except CheckpointError as e:
+        if "not a flexicli checkpoint" in str(e):  # e.g. the Hub id of a base model
+            raise CheckpointError(str(e), f"to run a base model without a checkpoint: --base {model_dir}") from None
+        raise
     return LayerModel.from_flexi(fm, str(model_dir))
 
 

@@ -142,6 +142,8 @@ def analyse(records: list[TokenRecord], num_layers: int, routed_layers: list[int
                      for k, v in by_text.items() if len(v) >= min_count),
                     key=lambda d: (d["mean_layers_used"], d["count"]))
     top = min(top, len(ranked) // 2)  # the two lists never share a token
+    if ranked and ranked[0]["mean_layers_used"] == ranked[-1]["mean_layers_used"]:
+        top = 0  # every token used the same number of layers: no ranking to show
     return Analysis(num_layers, list(routed_layers), n, sum(r.layers_used for r in records) / n, usage,
                     {c: sum(v) / len(v) for c, v in by_cat.items()}, {c: len(v) for c, v in by_cat.items()},
                     hungriest=ranked[::-1][:top], cheapest=ranked[:top], min_count=min_count)

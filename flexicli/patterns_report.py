@@ -101,7 +101,7 @@ def _token_table(rows: list[dict], title: str) -> str:
     body = "".join(f'<tr><td><code class="tok">{html.escape(r["text"])}</code></td>'
                    f'<td class="n">{r["mean_layers_used"]:.2f}</td><td class="n">{r["count"]}</td></tr>' for r in rows)
     return (f'<table><caption style="text-align:left;font-weight:600">{title}</caption>'
-            f'<tr><th>token</th><th>mean layers</th><th>seen</th></tr>{body or "<tr><td colspan=3>none</td></tr>"}'
+            f'<tr><th>token</th><th>mean layers</th><th>seen</th></tr>{body or "<tr><td colspan=3>none to rank</td></tr>"}'
             f'</table>')
 
 

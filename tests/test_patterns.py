@@ -98,4 +98,6 @@ def test_analysis_ranks_tokens_by_mean_over_occurrences():
     assert all(r["text"] != "x" for r in a.cheapest + a.hungriest)  # seen twice only
     assert a.layer_usage == [1.0, 1.0, pytest.approx(6 / 9), pytest.approx(4 / 9)]
     assert a.category_mean_layers == {"c": pytest.approx((6 + 4 + 6) / 6), "math": 4.0}
+    same = analyse([rec(" a", 4, [])] * 3 + [rec(" b", 4, [])] * 3, 4, [2, 3])
+    assert same.hungriest == same.cheapest == []  # all equal: nothing to rank
     assert Prompt("a", "b", "c").category == "b"

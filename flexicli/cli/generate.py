@@ -114,29 +114,28 @@ class Turn:
             self.summary(result, "flexi" if self.compare else None)
         if original is not None:
             div = first_divergence(result, original)
-            self.out.print("[bold]original[/bold] (every layer):")
+            self.out.print("\n[bold]original[/bold] (every layer):")
             replay = Streamer(self, result)
             for tok in original.tokens:
                 replay.token(tok)
             self.out.print()
             if self.show_layers:
-                self.summary(original, "original")
+                self.summary(original, "original", legend=False)
             self.out.print(f"{DIVERGENCE_MARK} first divergence at generated token {div}" if div is not None
                            else f"identical: all {len(result.tokens)} generated tokens are the same")
         return result.to_dict()
 
-    def summary(self, result, label) -> None:
+    def summary(self, result, label, legend: bool = True) -> None:
         from rich.text import Text
 
         from ..generate import depth_colour, layer_range
 
         fewest, most = layer_range(self.lm)
-        legend = Text("layers used: ")
-        step = max(1, (most - fewest + 1) // 16)
-        for n in range(fewest, most + 1, step):
-            legend.append(f"{n} ", style=depth_colour(n, fewest, most))
-        if not self.plain:
-            self.out.print(legend)
+        if legend and not self.plain:
+            line = Text("layers used: ")
+            for n in range(fewest, most + 1, max(1, (most - fewest + 1) // 16)):
+                line.append(f"{n} ", style=depth_colour(n, fewest, most))
+            self.out.print(line)
         who = f"{label}: " if label else ""
         self.out.print(f"{who}mean layers used {result.mean_layers_used:.2f} of {result.num_layers} · "
                        f"{100 * result.skipped_share:.1f}% of layer computations skipped · {len(result.tokens)} tokens")
