@@ -270,8 +270,8 @@ def generate_tokens(lm: LayerModel, prompt_ids: list[int], max_new_tokens: int =
 
 
 def generate(lm: LayerModel, prompt_ids: list[int], max_new_tokens: int = 256, sampling: Sampling | None = None,
-             threshold: float | None = None, original: bool = False, on_token: Callable[[TokenLayers], None] | None = None,
-             **kw) -> Generation:
+             threshold: float | None = None, original: bool = False,
+             on_token: Callable[[TokenLayers], None] | None = None, **kw) -> Generation:
     """Runs generate_tokens to the end; `on_token` sees each token as it comes (for streaming output)."""
     result = Generation([], lm.num_layers, [] if original else lm.routed_layers)
     for tok in generate_tokens(lm, prompt_ids, max_new_tokens, sampling, threshold, original, stats=result, **kw):

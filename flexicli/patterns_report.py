@@ -35,7 +35,8 @@ def svg_layer_usage(analysis, width: int = 720, height: int = 260) -> str:
                      f'fill="{colour}"><title>layer {layer}: {100 * rate:.1f}%'
                      f'{"" if layer in routed else " (not routed)"}</title></rect>')
         if n <= 40 or layer % 2 == 0:
-            parts.append(f'<text x="{x + bw / 2:.1f}" y="{top + ph + 14}" class="ax" text-anchor="middle">{layer}</text>')
+            parts.append(f'<text x="{x + bw / 2:.1f}" y="{top + ph + 14}" class="ax" '
+                         f'text-anchor="middle">{layer}</text>')
     parts.append(f'<text x="{left + pw / 2}" y="{height - 4}" class="ax" text-anchor="middle">decoder layer '
                  f'(grey: not routed, always run)</text></svg>')
     return "".join(parts)
@@ -68,17 +69,21 @@ def svg_categories(analysis, width: int = 720) -> str:
 
 # ---- HTML -----------------------------------------------------------------------------------------------------
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:960px;color:#111827;padding:0 16px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:960px;color:#111827;
+padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
 .meta{color:#4b5563} .meta code{background:#f3f4f6;padding:1px 4px;border-radius:3px}
 svg .ttl{font-size:13px;font-weight:600} svg .ax{font-size:11px;fill:#4b5563} svg .lbl{font-size:12px}
 svg .grid{stroke:#e5e7eb}
 .legend span{display:inline-block;min-width:26px;text-align:center;border-radius:3px;margin-right:2px;font-size:12px}
 .gen{margin:10px 0 14px} .gen .hd{color:#374151;font-size:12px;margin-bottom:3px}
-.gen .hd b{color:#111827} .gen .txt{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;
-line-height:1.9;background:#fafafa;border:1px solid #e5e7eb;border-radius:6px;padding:6px 8px}
+.gen .hd b{color:#111827}
+.gen .txt{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.9;
+background:#fafafa;border:1px solid #e5e7eb;border-radius:6px;padding:6px 8px}
 .t{border-radius:2px;padding:1px 0}
-table{border-collapse:collapse;margin-right:24px} td,th{padding:2px 8px;border-bottom:1px solid #f3f4f6;text-align:left;font-size:13px}
+table{border-collapse:collapse;margin-right:24px}
+td,th{padding:2px 8px;border-bottom:1px solid #f3f4f6;text-align:left;font-size:13px}
 td.n{text-align:right;font-variant-numeric:tabular-nums} .tables{display:flex;flex-wrap:wrap;gap:8px}
 code.tok{white-space:pre;background:#f3f4f6;padding:0 3px;border-radius:3px}
 """
@@ -101,7 +106,8 @@ def _token_table(rows: list[dict], title: str) -> str:
     body = "".join(f'<tr><td><code class="tok">{html.escape(r["text"])}</code></td>'
                    f'<td class="n">{r["mean_layers_used"]:.2f}</td><td class="n">{r["count"]}</td></tr>' for r in rows)
     return (f'<table><caption style="text-align:left;font-weight:600">{title}</caption>'
-            f'<tr><th>token</th><th>mean layers</th><th>seen</th></tr>{body or "<tr><td colspan=3>none to rank</td></tr>"}'
+            f'<tr><th>token</th><th>mean layers</th><th>seen</th></tr>'
+            f'{body or "<tr><td colspan=3>none to rank</td></tr>"}'
             f'</table>')
 
 
@@ -123,19 +129,22 @@ def render_html(records, analysis, meta: dict, prompts) -> str:
                     f'<div class="txt">{spans or "<i>(no tokens)</i>"}</div></div>')
     meta_rows = " · ".join(f"{html.escape(k)}: <code>{html.escape(str(v))}</code>" for k, v in meta.items())
     skipped = 100 * (1 - analysis.mean_layers_used / analysis.num_layers)
+    r = analysis.routed_layers
+    routed = f"{r[0]}..{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else ", ".join(map(str, r)) if r else "none"
+    tables = _token_table(analysis.hungriest, "most layers") + _token_table(analysis.cheapest, "fewest layers")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flexi patterns</title>
 <style>{CSS}</style></head><body>
 <h1>Which tokens need depth</h1>
 <p class="meta">{meta_rows}</p>
 <p>{analysis.tokens} generated tokens · mean layers used <b>{analysis.mean_layers_used:.2f}</b> of {most}
-({skipped:.1f}% of layer computations skipped) · routed layers {analysis.routed_layers[0] if analysis.routed_layers else "-"}..{analysis.routed_layers[-1] if analysis.routed_layers else "-"}.
+({skipped:.1f}% of layer computations skipped) · routed layers {routed}.
 A token is coloured by the layers that processed it (the decode step that consumed it).</p>
 <h2>Per-layer usage</h2>{svg_layer_usage(analysis)}
 <h2>Mean layers per category</h2>{svg_categories(analysis)}
 <h2>Most and least layer-hungry tokens</h2>
 <p class="meta">mean layers used over a token's occurrences; tokens seen at least {analysis.min_count} times</p>
-<div class="tables">{_token_table(analysis.hungriest, "most layers")}{_token_table(analysis.cheapest, "fewest layers")}</div>
+<div class="tables">{tables}</div>
 <h2>Token depth map</h2>{_legend(fewest, most)}
 <p class="meta">hover a token for its layer count and the layers it skipped</p>
 {"".join(gens)}

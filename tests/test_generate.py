@@ -68,8 +68,9 @@ def test_fixed_routing_and_threshold_reach_the_tokens():
     with lm.flexi.routing("fixed", skip_layers={3}):
         g = generate(lm, [5, 9], 5, decode=as_text, stop_ids=[])
     assert all(t.skipped_layers == [3] and t.layers_used == NUM_LAYERS - 1 for t in g.tokens)
-    assert all(t.skipped_layers == [] for t in generate(lm, [5, 9], 5, threshold=0.0, decode=as_text, stop_ids=[]).tokens)
-    assert all(t.skipped_layers == ROUTED for t in generate(lm, [5, 9], 5, threshold=1.0, decode=as_text, stop_ids=[]).tokens)
+    for tau, skipped in ((0.0, []), (1.0, ROUTED)):
+        assert all(t.skipped_layers == skipped for t in generate(lm, [5, 9], 5, threshold=tau, decode=as_text,
+                                                                 stop_ids=[]).tokens)
     assert lm.flexi.state.threshold == 0.5  # restored
 
 
@@ -174,7 +175,8 @@ def test_compare_marks_the_first_divergence(ckpt):
     assert (k is None) == (ids(out) == ids(out["original"]))
     if k is not None:
         assert ids(out)[:k] == ids(out["original"])[:k] and ids(out)[k] != ids(out["original"])[k]
-    text = flexi("generate", "-m", str(ckpt), PROMPT, "--max-new-tokens", "8", "--compare", env={"NO_COLOR": "1"}).stdout
+    text = flexi("generate", "-m", str(ckpt), PROMPT, "--max-new-tokens", "8", "--compare",
+                 env={"NO_COLOR": "1"}).stdout
     assert "original (every layer):" in text
     assert (f"first divergence at generated token {k}" in text) if k is not None else ("identical" in text)
 
@@ -224,12 +226,12 @@ def test_real_smollm2_decode_loop_and_recorded_decisions(smollm2):
     fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model="smollm2")
     lm = LayerModel.from_flexi(fm, "smollm2")
     prompt = lm.encode("What is the capital of France?")
-    ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
-    fresh = generate(lm, prompt, 12)
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    fresh = generate(lm, prompt, 8)
     assert [t.token_id for t in fresh.tokens] == [i for i in ref if i not in lm.stop_ids()][:len(fresh.tokens)]
     assert fresh.mean_layers_used == 30
     # A fresh router's gates sit just above 0.95: this threshold makes tokens skip, differently per token.
-    g = generate(lm, prompt, 12, threshold=0.9524)
+    g = generate(lm, prompt, 8, threshold=0.9524)
     with fm.routing(threshold=0.9524):
         skips = recorded_skips(fm, prompt + [t.token_id for t in g.tokens])
     assert [t.skipped_layers for t in g.tokens] == skips[len(prompt):]

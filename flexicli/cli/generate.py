@@ -11,20 +11,24 @@ from .common import device_options, emit_json, json_option, model_option, stderr
 DIVERGENCE_MARK = "▶"
 
 
-@click.command("generate", help="Generate text, token by token; --show-layers colours each token by the number of "
-               "decoder layers that processed it.\n\nPROMPT goes through the chat template (--raw: continued as "
-               "plain text). Without PROMPT: an interactive chat with history.")
+@click.command("generate", short_help="Generate text; --show-layers colours each token by the layers it used.",
+               help="Generate text, token by token; --show-layers colours each token by the number of decoder "
+                    "layers that processed it.\n\nPROMPT goes through the chat template (--raw: continued as "
+                    "plain text). Without PROMPT: an interactive chat with history.")
 @click.argument("prompt", required=False)
 @model_option
 @click.option("--base", "base", default=None, metavar="MODEL",
-              help="No checkpoint: run this base model (Hub id, folder, .gguf, or 'embedded'); every token uses every layer.")
+              help="No checkpoint: run this base model (Hub id, folder, .gguf, or 'embedded'); "
+                   "every token uses every layer.")
 @click.option("--show-layers", is_flag=True, help="Colour each token by the layers it used; legend and summary line.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling (with --temperature > 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
-@click.option("--threshold", type=float, default=None, help="Override the routing threshold tau (a token runs a layer iff its gate > tau).")
-@click.option("--compare", is_flag=True, help="Also run the original model (routing off); show both, first divergence marked.")
+@click.option("--threshold", type=float, default=None,
+              help="Override the routing threshold tau (a token runs a layer iff its gate > tau).")
+@click.option("--compare", is_flag=True,
+              help="Also run the original model (routing off); show both, first divergence marked.")
 @click.option("--raw", is_flag=True, help="Do not apply the chat template: continue PROMPT as plain text.")
 @device_options
 @json_option
@@ -38,7 +42,8 @@ def command(prompt, model_dir, base, show_layers, max_new_tokens, temperature, t
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
     if prompt is None and (as_json or raw):
-        raise BadInput(f"{'--json' if as_json else '--raw'} needs a PROMPT", "the interactive chat takes no --json/--raw")
+        raise BadInput(f"{'--json' if as_json else '--raw'} needs a PROMPT",
+                       "the interactive chat takes no --json/--raw")
     err = stderr_console()
     with err.status(f"loading {base or model_dir}..."):
         lm = open_model(model_dir, base=base, device=device, dtype=dtype)
@@ -52,8 +57,8 @@ def command(prompt, model_dir, base, show_layers, max_new_tokens, temperature, t
     if prompt is not None:
         result = turn.run(lm.encode(prompt, chat=False if raw else None))
         if as_json:
-            emit_json({"model": lm.source, "prompt": prompt, "threshold": lm.threshold if threshold is None else threshold,
-                       **result})
+            tau = lm.threshold if threshold is None else threshold
+            emit_json({"model": lm.source, "prompt": prompt, "threshold": tau, **result})
         return
     chat(lm, turn, err)
 
@@ -138,7 +143,8 @@ class Turn:
             self.out.print(line)
         who = f"{label}: " if label else ""
         self.out.print(f"{who}mean layers used {result.mean_layers_used:.2f} of {result.num_layers} · "
-                       f"{100 * result.skipped_share:.1f}% of layer computations skipped · {len(result.tokens)} tokens")
+                       f"{100 * result.skipped_share:.1f}% of layer computations skipped · "
+                       f"{len(result.tokens)} tokens")
 
 
 class Streamer:

@@ -7,7 +7,9 @@ import click
 from .common import device_options, emit_json, json_option, model_option, stderr_console
 
 
-@click.command("patterns", help="Greedy generations on the built-in task categories (or --prompts FILE) with every "
+@click.command("patterns",
+               short_help="Which tokens need depth: per-layer usage, per-category means, HTML report + dataset.",
+               help="Greedy generations on the built-in task categories (or --prompts FILE) with every "
                "token's routing decisions recorded. Writes OUT/: report.html (self-contained), layer_usage.png, "
                "category_layers.png, tokens.jsonl (one record per generated token), summary.json.")
 @model_option
@@ -75,6 +77,7 @@ def command(model_dir, base, output, prompts_file, categories, per_category, max
     out = Console()
     out.print(table)
     if analysis.hungriest:
-        out.print("most layer-hungry: " + ", ".join(f"{r['text']!r} {r['mean_layers_used']:.1f}" for r in analysis.hungriest[:5]))
-        out.print("least layer-hungry: " + ", ".join(f"{r['text']!r} {r['mean_layers_used']:.1f}" for r in analysis.cheapest[:5]))
+        for label, rows in (("most", analysis.hungriest), ("least", analysis.cheapest)):
+            top = ", ".join(f"{r['text']!r} {r['mean_layers_used']:.1f}" for r in rows[:5])
+            out.print(f"{label} layer-hungry: {top or 'none to rank'}")
     out.print(f"wrote {folder}/: " + ", ".join(summary["files"]))
