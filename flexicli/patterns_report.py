@@ -130,7 +130,7 @@ def render_html(records, analysis, meta: dict, prompts) -> str:
     meta_rows = " · ".join(f"{html.escape(k)}: <code>{html.escape(str(v))}</code>" for k, v in meta.items())
     skipped = 100 * (1 - analysis.mean_layers_used / analysis.num_layers)
     r = analysis.routed_layers
-    routed = f"{r[0]}..{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else ", ".join(map(str, r)) if r else "none"
+    routed = "none" if not r else f"{r[0]}..{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else ", ".join(map(str, r))
     tables = _token_table(analysis.hungriest, "most layers") + _token_table(analysis.cheapest, "fewest layers")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flexi patterns</title>

@@ -101,3 +101,12 @@ def test_analysis_ranks_tokens_by_mean_over_occurrences():
     same = analyse([rec(" a", 4, [])] * 3 + [rec(" b", 4, [])] * 3, 4, [2, 3])
     assert same.hungriest == same.cheapest == []  # all equal: nothing to rank
     assert Prompt("a", "b", "c").category == "b"
+
+
+def test_patterns_on_a_base_model_without_checkpoint(ckpt, prompts_file, tmp_path):
+    r = flexi("patterns", "--base", str(ckpt.parent / "tiny-base"), "-o", str(tmp_path / "b"), "--prompts",
+              str(prompts_file), "--max-new-tokens", "3", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["layer_usage"] == [1.0] * NUM_LAYERS and out["mean_layers_used"] == NUM_LAYERS
+    assert "routed layers none" in (tmp_path / "b" / "report.html").read_text()
