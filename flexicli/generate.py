@@ -228,8 +228,9 @@ def generate_tokens(lm: LayerModel, prompt_ids: list[int], max_new_tokens: int =
     routed = lm.routed_layers if (lm.flexi is not None and not original) else []
     device = next(lm.model.parameters()).device
 
+    # The routing knobs and the recording stay set while the generator runs (between yields too); inference
+    # mode is entered per forward pass only, so the caller's own code between tokens runs as usual.
     with ExitStack() as stack:
-        stack.enter_context(torch.inference_mode())
         recording = None
         if lm.flexi is not None:
             stack.enter_context(lm.flexi.routing("full" if original else None, threshold=threshold))
@@ -242,7 +243,8 @@ def generate_tokens(lm: LayerModel, prompt_ids: list[int], max_new_tokens: int =
         def forward(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
             """Logits of the last position, and the decisions [len(ids), n_routed] for the consumed ids."""
             before = len(recording.raw) if recording is not None else 0
-            out = lm.model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+            with torch.inference_mode():
+                out = lm.model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
             ran = None
             if recording is not None:
                 step = recording.raw[before:]
