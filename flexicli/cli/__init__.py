@@ -18,6 +18,8 @@ VERBS = {
     "export": "Write a folder that stock transformers loads (trust_remote_code) and runs with skipping.",
     "import": "Import a checkpoint in the official FlexiDepth format as a flexicli checkpoint.",
     "bench": "Prefill and decode speed of the routed model against the original, in one run.",
+    "generate": "Generate text; --show-layers colours each token by the layers it used.",
+    "patterns": "Which tokens need depth: per-layer usage, per-category means, HTML report + dataset.",
 }
 
 
