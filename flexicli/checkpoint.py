@@ -41,7 +41,7 @@ class FlexiConfig:
     adapter_dim: int
     base_revision: str | None = None
     router_reduction: int = 16
-    router_init_bias: float = 1.0
+    router_init_bias: float = 0.1
     threshold: float = 0.5
     gate_mode: str = "ste"
     dtype: str = "float32"

@@ -52,7 +52,7 @@ class Router(nn.Module):
     """logit = head(dec(tanh(norm(enc(z))))) + bias. The scalar bias (absent in the official router, which
     imports with bias 0) starts positive so that a fresh router runs every token: exact at birth."""
 
-    def __init__(self, hidden: int, reduction: int = 16, init_bias: float = 1.0):
+    def __init__(self, hidden: int, reduction: int = 16, init_bias: float = 0.1):
         super().__init__()
         r = max(1, hidden // reduction)
         self.enc = nn.Linear(hidden, r, bias=False)
@@ -126,7 +126,7 @@ class FlexiLayer(nn.Module):
     """Wraps one decoder layer. The original layer stays as `base_layer`, its weights untouched."""
 
     def __init__(self, base_layer: nn.Module, parts: LayerParts, layer_index: int, state: RoutingState,
-                 hidden: int, adapter_dim: int, router_reduction: int = 16, router_init_bias: float = 1.0):
+                 hidden: int, adapter_dim: int, router_reduction: int = 16, router_init_bias: float = 0.1):
         super().__init__()
         self.base_layer = base_layer
         self.parts = parts

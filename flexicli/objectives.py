@@ -72,13 +72,15 @@ class BudgetController:
     to skip more; when too many are skipped lam turns negative and pushes back. The proportional part reacts at once,
     the integral part removes the steady-state error, so the budget is hit rather than hoped for."""
 
-    def __init__(self, num_routed: int, ki: float = 0.2, kp: float = 0.5, lam: float = 0.0):
-        self.num_routed, self.ki, self.kp, self.integral = num_routed, ki, kp, lam
+    def __init__(self, num_routed: int, ki: float = 0.1, kp: float = 0.5, lam: float = 0.0, limit: float = 1.0):
+        self.num_routed, self.ki, self.kp, self.integral, self.limit = num_routed, ki, kp, lam, limit
         self.lam = lam
 
     def update(self, target: float, skipped: float) -> float:
         err = (target - skipped) / self.num_routed
-        self.integral += self.ki * err
+        # anti-windup: while the routers are still far from the threshold the integral would grow without bound and
+        # then throw every token across it at once; clamping it keeps the approach gradual
+        self.integral = max(-self.limit, min(self.limit, self.integral + self.ki * err))
         self.lam = self.integral + self.kp * err
         return self.lam
 

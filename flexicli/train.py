@@ -37,7 +37,8 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256
-    lr: float = 2e-3
+    lr: float = 2e-3  # adapters; routers get lr * router_lr_scale
+    router_lr_scale: float = 0.15  # a router's decision is a cliff: small steps keep tokens from flipping en masse
     warmup: int = 20
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     seed: int = 0
@@ -297,7 +298,10 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     params = fm.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    routers = [p for layer in fm.layers for p in layer.router.parameters()]
+    adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
+    opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
+                            lr=cfg.lr, weight_decay=0.0)
     controller = BudgetController(len(fm.config.routed_layers))
     start = 0
     if resume:
@@ -333,7 +337,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             t0 = time.perf_counter()
             target = cfg.skip_target * min(1.0, (step + 1) / max(1, cfg.ramp * cfg.steps))
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg) * g["scale"]
             stats = []
             for m in range(cfg.grad_accum):  # distributed: this rank's share of the global micro-batch
                 idx = dist.shard(batch_indices(rows.shape[0], cfg.seed, step * cfg.grad_accum + m, cfg.batch_size))
