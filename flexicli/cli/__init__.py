@@ -12,6 +12,7 @@ from .common import FlexiGroup
 # verb -> module in flexicli.cli; imported only when that verb runs, so `flexi --help` stays instant.
 VERBS = {
     "convert": "Wrap a Hugging Face decoder with routers and adapters (base weights untouched).",
+    "eval": "Is the output preserved? Routed vs original model: numbers and a pass/fail verdict.",
 }
 
 
