@@ -346,14 +346,30 @@ def _finite(obj):
     return obj
 
 
-def store(folder, result: dict) -> None:
-    """Write the result into the checkpoint's config and refresh its model card, so `flexi push` shows it."""
+# What goes into the checkpoint's config (and from there into the model card): the verdict and the headline
+# numbers, not the per-check rows or per-item details.
+STORED = ("passed", "kl", "top1_agreement", "greedy_match", "greedy_first_divergence", "perplexity_original",
+          "perplexity_routed", "mean_skipped_layers", "per_layer_skip_rate", "retention", "threshold", "thresholds",
+          "data", "texts", "scored_tokens", "greedy_prompts", "seconds")
+
+
+def summary(result: dict) -> dict:
+    out = {k: result[k] for k in STORED if k in result}
+    out["task_retention"] = {c: s["retention"] for c, s in result.get("task_scores", {}).items()}
+    return out
+
+
+def store(folder, result: dict) -> dict:
+    """Write summary(result) into the checkpoint's config as `eval` and refresh its model card (as `fm.save`
+    renders it), so the card and `flexi push` show it. Returns what was stored."""
     from pathlib import Path
 
     from .card import render_card
     from .checkpoint import CARD_FILE, update_config
 
-    config = update_config(Path(folder), eval=result)
+    stored = summary(result)
+    config = update_config(Path(folder), eval=stored)
     tmp = Path(folder) / f".{CARD_FILE}.tmp"
     tmp.write_text(render_card(config))
     tmp.replace(Path(folder) / CARD_FILE)
+    return stored

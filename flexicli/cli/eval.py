@@ -121,12 +121,12 @@ def _print_report(r: dict) -> None:
     out = Console()
     limits = {row["metric"]: row for row in r["checks"]}
 
-    def verdict(key):
+    def verdict(key, pct):
         row = limits.get(key)
         if row is None:
-            return "", ""
+            return "off", ""
         mark = {True: "[green]ok[/green]", False: "[red]FAIL[/red]", None: "[yellow]not measured[/yellow]"}[row["ok"]]
-        return f"{row['op']} {row['limit']:g}", mark
+        return f"{row['op']} {_fmt(row['limit'], pct)}", mark
 
     table = Table(title=f"flexi eval: routed vs original ({r['texts']} texts, {r['scored_tokens']} tokens)")
     for col in ("metric", "value", "threshold", ""):
@@ -134,10 +134,10 @@ def _print_report(r: dict) -> None:
     rows = [("KL(original||routed) / token", "kl", False), ("top-1 agreement", "top1_agreement", True),
             ("greedy exact match", "greedy_match", True), ("task retention", "retention", True)]
     for label, key, pct in rows:
-        table.add_row(label, _fmt(r.get(key), pct), *verdict(key))
+        table.add_row(label, _fmt(r.get(key), pct), *verdict(key, pct))
     table.add_row("perplexity original / routed",
                   f"{_fmt(r['perplexity_original'])} / {_fmt(r['perplexity_routed'])}", "", "")
-    table.add_row("greedy first divergence (mean index)",
+    table.add_row("first greedy divergence (mean)",
                   f"{_fmt(r.get('greedy_first_divergence'))} of {r.get('greedy_new_tokens', '-')}", "", "")
     table.add_row("mean skipped layers / token",
                   f"{r['mean_skipped_layers']:.2f} of {len(r['per_layer_skip_rate'])}", "", "")
@@ -156,6 +156,6 @@ def _print_report(r: dict) -> None:
     failed = [f"{row['metric']} {_fmt(row['value'])} (needs {row['op']} {row['limit']:g})"
               for row in r["checks"] if row["ok"] is False]
     if r["passed"]:
-        out.print(f"[bold green]PASSED[/bold green] in {r['seconds']:.0f} s")
+        out.print(f"[bold green]PASSED[/bold green] ({r['seconds']:.0f} s)")
     else:
         out.print(f"[bold red]FAILED[/bold red]: {'; '.join(failed) or 'no threshold was measured'}")
