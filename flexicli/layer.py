@@ -43,7 +43,7 @@ class Router(nn.Module):
     """logit = head(dec(tanh(norm(enc(z))))) + bias. The scalar bias (absent in the official router, which
     imports with bias 0) starts positive so that a fresh router runs every token: exact at birth."""
 
-    def __init__(self, hidden: int, reduction: int = 16, init_bias: float = 3.0):
+    def __init__(self, hidden: int, reduction: int = 16, init_bias: float = 1.0):
         super().__init__()
         r = max(1, hidden // reduction)
         self.enc = nn.Linear(hidden, r, bias=False)
@@ -91,6 +91,7 @@ class RoutingState:
     skip_layers: frozenset = frozenset()
     records: list | None = None  # when a list: each layer appends (layer_index, run mask [B, T])
     gates: list | None = None  # when a list: each layer appends (layer_index, w, run) for the training loss
+    checkpointing: bool = False  # training: recompute each routed layer in backward instead of storing activations
     MODES: tuple = field(default=("routed", "full", "run", "skip", "fixed"), repr=False)
 
 
@@ -98,7 +99,7 @@ class FlexiLayer(nn.Module):
     """Wraps one decoder layer. The original layer stays as `base_layer`, its weights untouched."""
 
     def __init__(self, base_layer: nn.Module, parts: LayerParts, layer_index: int, state: RoutingState,
-                 hidden: int, adapter_dim: int, router_reduction: int = 16, router_init_bias: float = 3.0):
+                 hidden: int, adapter_dim: int, router_reduction: int = 16, router_init_bias: float = 1.0):
         super().__init__()
         self.base_layer = base_layer
         self.parts = parts
@@ -124,6 +125,14 @@ class FlexiLayer(nn.Module):
         state = self.state
         if state.mode == "full":
             return self.base_layer(hidden_states, *args, **kwargs)
+        if state.checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._routed_forward, hidden_states, *args, use_reentrant=False, **kwargs)
+        return self._routed_forward(hidden_states, *args, **kwargs)
+
+    def _routed_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        state = self.state
         bound = self._signature.bind(hidden_states, *args, **kwargs)
         call = dict(bound.arguments)
         call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})

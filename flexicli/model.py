@@ -67,7 +67,7 @@ class FlexiModel:
     @classmethod
     def wrap(cls, model: nn.Module, tokenizer=None, routed_layers=None, parts: LayerParts | None = None,
              base_model: str = "unknown", base_revision: str | None = None, adapter_reduction: int = 16,
-             router_reduction: int = 16, router_init_bias: float = 3.0, threshold: float = 0.5,
+             router_reduction: int = 16, router_init_bias: float = 1.0, threshold: float = 0.5,
              gate_mode: str = "ste") -> "FlexiModel":
         """Wrap the layers in place. Every check runs before the model is touched."""
         model_type = getattr(model.config, "model_type", "?")

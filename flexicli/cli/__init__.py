@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import keyword
 import os
 
 import click
@@ -12,7 +13,11 @@ from .common import FlexiGroup
 # verb -> module in flexicli.cli; imported only when that verb runs, so `flexi --help` stays instant.
 VERBS = {
     "convert": "Wrap a Hugging Face decoder with routers and adapters (base weights untouched).",
+    "train": "Distil the routed model against the original model under a layer budget.",
     "eval": "Is the output preserved? Routed vs original model: numbers and a pass/fail verdict.",
+    "push": "Push a checkpoint and its model card to the Hub in one commit.",
+    "export": "Write a folder that stock transformers loads (trust_remote_code) and runs with skipping.",
+    "import": "Import a checkpoint in the official FlexiDepth format as a flexicli checkpoint.",
 }
 
 
@@ -23,7 +28,9 @@ class LazyGroup(FlexiGroup):
     def get_command(self, ctx, name):
         if name not in VERBS:
             return None
-        return importlib.import_module(f"flexicli.cli.{name}").command
+        module = name.replace("-", "_")
+        module += "_" if keyword.iskeyword(module) else ""  # `flexi import` lives in import_.py
+        return importlib.import_module(f"flexicli.cli.{module}").command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

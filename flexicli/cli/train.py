@@ -1,0 +1,67 @@
+import click
+
+from .common import emit_json, json_option, model_option, stderr_console
+
+# Flags that map one to one onto TrainConfig fields; given flags override the recipe/config file.
+_FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", "objective", "alpha", "eval_every",
+          "save_every", "gradient_checkpointing", "calibrate"]
+
+
+@click.command("train", help="Distil the routed model against the original model under a layer budget.")
+@model_option
+@click.option("--skip-target", type=float, default=None, help="Mean layers to skip per token (required unless the recipe sets it).")
+@click.option("--data", default=None, help="selfgen (default: the model's own answers to built-in prompts) | prompts | PATH (.jsonl/.txt) | Hub dataset id.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default 300).")
+@click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch (default 4).")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimiser step (default 1).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default 256).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate, cosine schedule with warm-up (default 2e-3).")
+@click.option("--seed", type=int, default=None)
+@click.option("--objective", type=click.Choice(["kl", "lm"]), default=None, help="kl: distillation (default); lm: FlexiDepth's LM loss + alpha*(sum w)^2.")
+@click.option("--alpha", type=float, default=None, help="FlexiDepth penalty weight (objective lm).")
+@click.option("--eval-every", type=int, default=None)
+@click.option("--save-every", type=int, default=None)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--calibrate/--no-calibrate", default=None, help="Nudge the threshold after training so held-out skipping hits the target.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from the checkpoint's training state.")
+@click.option("--recipe", default=None, help="A recipe name from recipes/ (e.g. smollm2-135m-cpu).")
+@click.option("--config", "config_file", default=None, type=click.Path(), help="A YAML file of training settings.")
+@click.option("--device", default=None)
+@json_option
+def command(model_dir, skip_target, resume, recipe, config_file, device, as_json, **flags):
+    from .. import distributed
+    from ..errors import BadInput
+    from ..model import FlexiModel
+    from ..train import TrainConfig, load_recipe, train
+
+    if recipe and config_file:
+        raise BadInput("pass --recipe or --config, not both")
+    settings = load_recipe(recipe or config_file) if (recipe or config_file) else {}
+    settings.update({k: v for k, v in flags.items() if k in _FLAGS and v is not None})
+    if skip_target is not None:
+        settings["skip_target"] = skip_target
+    if "skip_target" not in settings and not resume:
+        raise BadInput("--skip-target is required", "e.g. flexi train --skip-target 4")
+    settings.setdefault("skip_target", 0)
+    cfg = TrainConfig.from_dict(settings)
+    cfg.check(10**6)  # ranges that do not need the model; the layer count is checked after loading
+    console = stderr_console()
+    dist = distributed.init(device)  # torchrun / accelerate launch: this rank's device; else device as given
+    with console.status(f"loading {model_dir}..."):
+        fm = FlexiModel.load(model_dir, device=dist.load_device)
+    summary = train(fm, cfg, resume=resume, log=lambda m: console.print(m))
+    if not dist.is_main:  # distributed: rank 0 reports
+        return
+    if as_json:
+        emit_json(summary)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="flexi train: held-out", show_header=False)
+    for key in ("mean_skipped_layers", "kl", "top1_agreement", "greedy_match", "first_divergence", "threshold"):
+        if key in summary:
+            table.add_row(key, f"{summary[key]:.4f}")
+    rates = summary.get("per_layer_skip_rate", {})
+    table.add_row("per-layer skip rate", " ".join(f"{k}:{v:.2f}" for k, v in rates.items()))
+    Console().print(table)

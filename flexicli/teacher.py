@@ -1,0 +1,83 @@
+"""The teacher's side of distillation, computed once per training row instead of at every step.
+
+The teacher is the model with routing off, and the layers before the first routed one are the same in teacher and
+student (nothing there trains). So for each training row we keep two hidden states: the one entering the first routed
+layer and the teacher's final one. A step then runs only the routed part of the student and no teacher at all,
+about half the work of recomputing both.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .families import LayerParts
+
+
+def _layers(fm) -> nn.ModuleList:
+    from .model import _get
+
+    return _get(fm.model, LayerParts.from_dict(fm.config.parts).layers)
+
+
+class _PassThrough(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def start_at_first_routed(fm, hidden: torch.Tensor):
+    """Inside, a decoder forward skips the layers before the first routed one and feeds `hidden` to it."""
+    layers, first = _layers(fm), fm.config.routed_layers[0]
+    saved = [layers[i] for i in range(first)]
+
+    def feed(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    for i in range(first):
+        layers[i] = _PassThrough()
+    handle = layers[first].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+def cache_bytes(fm, rows: torch.Tensor) -> int:
+    ref = next(fm.model.parameters())
+    return 2 * rows.numel() * fm.config.hidden_size * ref.element_size()
+
+
+class TeacherCache:
+    """Per training row: the hidden state entering the first routed layer and the teacher's final hidden state."""
+
+    def __init__(self, fm, rows: torch.Tensor, batch_size: int = 8, progress=None):
+        from .train import decoder_of
+
+        ref = next(fm.model.parameters())
+        shape = (*rows.shape, fm.config.hidden_size)
+        self.prefix = torch.empty(shape, dtype=ref.dtype)
+        self.final = torch.empty(shape, dtype=ref.dtype)
+        decoder, first = decoder_of(fm.model), _layers(fm)[fm.config.routed_layers[0]]
+        seen = {}
+        grab = first.register_forward_pre_hook(
+            lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+        try:
+            with torch.no_grad(), fm.routing("full"):
+                for i in range(0, rows.shape[0], batch_size):
+                    out = decoder(input_ids=rows[i:i + batch_size].to(ref.device)).last_hidden_state
+                    self.prefix[i:i + batch_size] = seen["h"].cpu()
+                    self.final[i:i + batch_size] = out.cpu()
+                    if progress:
+                        progress(min(i + batch_size, rows.shape[0]), rows.shape[0])
+        finally:
+            grab.remove()
+
+    def lookup(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prefix[idx].to(device), self.final[idx].to(device)

@@ -1,0 +1,396 @@
+"""train: distil the routed model against the original model (routing off) under a layer budget.
+
+    flexi train --skip-target 4                    # embedded SmolLM2 checkpoint in ./flexi-model
+    flexi train --recipe smollm2-135m-cpu --skip-target 8
+
+Top to bottom: setup (model, data, optimiser, controller, resume) -> loop -> held-out evaluation -> save.
+Only router and adapter parameters train; the teacher is the same model with routing off, so no second copy of the
+weights is held. Checkpoints are written atomically; a resumed run sees the same data order as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .errors import BadInput
+from .objectives import BudgetController, distill_loss, gate_stats, lm_loss, logits_fn
+from .teacher import cache_bytes
+
+TRAIN_STATE = "train_state.safetensors"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    skip_target: float
+    steps: int = 300
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-3
+    warmup: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    seed: int = 0
+    data: str = "selfgen"  # selfgen | prompts | PATH (.jsonl/.txt) | Hub dataset id
+    objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
+    alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
+    ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
+    eval_every: int = 50
+    eval_rows: int = 8
+    save_every: int = 50
+    gradient_checkpointing: bool = False
+    calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
+    selfgen_tokens: int = 96
+    cache_teacher: bool = True  # keep teacher hidden states per row (if under 2 GiB): about half the work per step
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadInput(f"unknown training settings {unknown}", f"known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def check(self, num_routed: int) -> None:
+        if not 0 <= self.skip_target <= num_routed:
+            raise BadInput(f"--skip-target {self.skip_target} is outside 0..{num_routed} (the routed layers)")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
+        if self.objective not in ("kl", "lm"):
+            raise BadInput(f"objective must be 'kl' or 'lm', not {self.objective!r}")
+
+
+def recipes_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ folder
+
+
+def load_recipe(name_or_file: str) -> dict:
+    import yaml
+
+    path = Path(name_or_file)
+    if not path.is_file():
+        path = recipes_dir() / f"{name_or_file}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+        raise BadInput(f"no recipe or config file {name_or_file!r}", f"recipes: {', '.join(known)}")
+    data = yaml.safe_load(path.read_text()) or {}
+    return data.get("train", data)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
+    from . import data
+
+    prompts = data.builtin_prompts("train")
+    if cfg.data == "selfgen":
+        texts = data.conversations(fm, prompts, data.teacher_answers(fm, prompts, cfg.selfgen_tokens,
+                                                                     progress=progress))
+    elif cfg.data == "prompts":
+        texts = data.conversations(fm, prompts, None)
+    else:
+        texts = data.read_data(cfg.data, fm.tokenizer)
+    return data.pack(fm.tokenizer, texts, cfg.seq_len)
+
+
+def heldout_rows(fm, seq_len: int, progress=None) -> torch.Tensor:
+    from . import data
+
+    return data.pack(fm.tokenizer, data.heldout_texts(fm, progress=progress), seq_len)
+
+
+def batch_indices(n: int, seed: int, index: int, batch_size: int) -> torch.Tensor:
+    """Rows of micro-batch number `index`: a pure function of (seed, index), so resuming replays the same order."""
+    picks = []
+    for k in range(index * batch_size, (index + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        picks.append(perm[pos].item())
+    return torch.tensor(picks)
+
+
+def batch_at(rows: torch.Tensor, seed: int, index: int, batch_size: int) -> torch.Tensor:
+    return rows[batch_indices(rows.shape[0], seed, index, batch_size)]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ---- one step -----------------------------------------------------------------------------------------------
+def decoder_of(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
+def train_step(fm, batch, cfg: TrainConfig, target: float, lam: float, head, cached=None) -> dict:
+    """One micro-batch: forward, loss, backward. `cached`: (hidden entering the first routed layer, teacher's final
+    hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed."""
+    from .teacher import start_at_first_routed
+
+    decoder = decoder_of(fm.model)
+    device = next(fm.model.parameters()).device
+    batch = batch.to(device)
+    if cached is not None:
+        prefix_h, teacher_h = cached
+    elif cfg.objective == "kl":
+        with torch.no_grad(), fm.routing("full"):
+            teacher_h = decoder(input_ids=batch).last_hidden_state
+    fm.state.gates = []
+    try:
+        with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
+            student_h = decoder(input_ids=batch).last_hidden_state
+        skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
+    finally:
+        fm.state.gates = None
+    if cfg.objective == "kl":
+        main, agree = distill_loss(student_h, teacher_h, head)
+        budget = lam * (target - skipped_st.mean())
+    else:
+        main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
+        budget = cfg.alpha * gate_sum.pow(2).mean()
+    ((main + budget) / cfg.grad_accum).backward()
+    return {"loss": main.item(), "agree": agree.item(), "skipped": skipped_st.mean().item(),
+            "layer_skip": layer_skip.detach().cpu()}
+
+
+# ---- held-out evaluation ------------------------------------------------------------------------------------
+@torch.no_grad()
+def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
+    """KL(original || routed), top-1 agreement, mean skipped layers and per-layer skip rate on held-out rows."""
+    decoder, head = decoder_of(fm.model), logits_fn(fm.model)
+    device = next(fm.model.parameters()).device
+    kl = agree = 0.0
+    with fm.record() as rec:
+        for i in range(0, rows.shape[0], batch_size):
+            b = rows[i:i + batch_size].to(device)
+            with fm.routing("full"):
+                t = decoder(input_ids=b).last_hidden_state
+            with fm.routing("routed"):
+                s = decoder(input_ids=b).last_hidden_state
+            k, a = distill_loss(s, t, head)
+            kl, agree = kl + k.item() * b.shape[0], agree + a.item() * b.shape[0]
+    ran = torch.cat([d.reshape(-1, d.shape[-1]) for d in _per_forward(rec)], dim=0).float()
+    per_layer = (1 - ran.mean(0)).tolist()
+    return {"kl": kl / rows.shape[0], "top1_agreement": agree / rows.shape[0],
+            "mean_skipped_layers": float((1 - ran).sum(-1).mean()),
+            "per_layer_skip_rate": {str(layer): round(r, 4) for layer, r in zip(fm.config.routed_layers, per_layer)}}
+
+
+def _per_forward(rec):
+    n = len(rec.routed_layers)
+    return [torch.stack([m for _, m in rec.raw[i:i + n]], dim=-1) for i in range(0, len(rec.raw), n)]
+
+
+def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 10) -> float:
+    """Bisect the threshold so that held-out mean skipped layers == target (more threshold = more skipping)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        with fm.routing(threshold=mid):
+            skipped = heldout_metrics(fm, rows)["mean_skipped_layers"]
+        lo, hi = (mid, hi) if skipped < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+@torch.no_grad()
+def greedy_agreement(fm, prompts: list[str], max_new_tokens: int = 32) -> dict:
+    """Share of held-out prompts whose greedy continuation is identical, and mean first-divergence position."""
+    from .data import chat_text
+
+    tok, device = fm.tokenizer, next(fm.model.parameters()).device
+    same, first = 0, []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for p in prompts:
+        ids = tok(chat_text(tok, [{"role": "user", "content": p}], add_generation_prompt=True),
+                  return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        outs = []
+        for mode in ("full", "routed"):
+            with fm.routing(mode):
+                outs.append(fm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                              pad_token_id=pad)[0, ids.shape[1]:])
+        a, b = outs
+        n = min(len(a), len(b))
+        diff = (a[:n] != b[:n]).nonzero()
+        pos = int(diff[0]) if len(diff) else n
+        same += int(pos == n and len(a) == len(b))
+        first.append(pos)
+    return {"greedy_match": same / len(prompts), "first_divergence": sum(first) / len(first)}
+
+
+# ---- saving -------------------------------------------------------------------------------------------------
+def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, controller, summary: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    from .card import render_card
+    from .checkpoint import write_checkpoint
+
+    flat, scalars = {}, {"step": step, "controller": controller.state(), "train_config": asdict(cfg)}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            flat[f"{i}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(float(v))
+    fm.config.training = {**(fm.config.training or {}), **(summary or {}), "skip_target": cfg.skip_target,
+                          "steps_done": step, "command": (fm.config.training or {}).get("command", _command())}
+    metrics = folder / METRICS
+    extra = {METRICS: metrics.read_bytes() if metrics.is_file() else b""}
+
+    def write_state(tmp: Path):
+        save_file(flat, tmp / TRAIN_STATE, metadata={"scalars": json.dumps(scalars)})
+
+    write_checkpoint(folder, fm.config, fm.flexi_state_dict(), render_card(fm.config), overwrite=True,
+                     extra_files=extra, writer=write_state)
+
+
+def load_training(folder: Path, opt, controller) -> tuple[int, dict]:
+    from safetensors import safe_open
+
+    path = folder / TRAIN_STATE
+    with safe_open(path, "pt") as f:
+        scalars = json.loads(f.metadata()["scalars"])
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    sd = opt.state_dict()
+    for key, v in flat.items():
+        i, name = key.split(".", 1)
+        sd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(sd)
+    controller.load(scalars["controller"])
+    return scalars["step"], scalars["train_config"]
+
+
+def _command() -> str:
+    return "flexi " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "flexi" in sys.argv[0] else ""
+
+
+# ---- the whole run ------------------------------------------------------------------------------------------
+def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False, rows: torch.Tensor | None = None,
+          heldout: torch.Tensor | None = None, stop_after: int | None = None, progress: bool = True,
+          log=print) -> dict:
+    """Train `fm` in place. `rows`/`heldout` ([n, seq_len] token ids) override the text data (tests, tiny models).
+    `stop_after` ends the run after that many steps as if it were killed there (tests of --resume)."""
+    cfg.check(len(fm.config.routed_layers))
+    folder = Path(folder) if folder else fm.path
+    # -- distributed (flexicli/distributed.py; a no-op for one process): shard/move the model, quiet ranks > 0 --
+    dist = distributed.current()
+    dist.check_batch(cfg.batch_size)
+    distributed.prepare(fm, dist)
+    if not dist.is_main:
+        log, progress = (lambda m: None), False
+    # --
+    torch.manual_seed(cfg.seed)
+    device = next(fm.model.parameters()).device
+    head = logits_fn(fm.model)
+    if cfg.gradient_checkpointing:
+        fm.state.checkpointing = True
+
+    params = fm.trainable_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    controller = BudgetController(len(fm.config.routed_layers))
+    start = 0
+    if resume:
+        if folder is None or not (folder / TRAIN_STATE).is_file():
+            raise BadInput(f"nothing to resume in {folder}: no {TRAIN_STATE}", "start without --resume")
+        start, saved_cfg = load_training(folder, opt, controller)
+        cfg = TrainConfig.from_dict({**saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
+        log(f"resuming at step {start} of {cfg.steps}")
+
+    if rows is None:
+        log("preparing data (the original model answers the built-in prompts once; cached afterwards)")
+        with _progress(progress, "data", "{task.fields[what]}") as bar, dist.main_first():  # distributed: rank 0
+            task = bar.add_task("data", total=None, what="")  # fills the data cache, the others then read it
+            step = lambda done, total: bar.update(task, completed=done, total=total, what="answers")  # noqa: E731
+            rows = training_rows(fm, cfg, progress=step)
+            heldout = heldout_rows(fm, cfg.seq_len, progress=step)
+    log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} held-out rows")
+    cache = None
+    if cfg.cache_teacher and cfg.objective == "kl" and dist.world_size == 1 and cache_bytes(fm, rows) < 2**31:
+        from .teacher import TeacherCache
+
+        with _progress(progress, "teacher", "{task.fields[what]}") as bar:
+            task = bar.add_task("teacher", total=rows.shape[0], what="rows")
+            cache = TeacherCache(fm, rows, progress=lambda done, total: bar.update(task, completed=done))
+
+    metrics_path = folder / METRICS if folder else None
+    bar = _progress(progress)
+    task = bar.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), skipped=0.0, tps=0.0)
+    last_eval: dict = {}
+    fm.model.train(False)  # no dropout: the student must see the teacher's exact computation
+    with bar:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            target = cfg.skip_target * min(1.0, (step + 1) / max(1, cfg.ramp * cfg.steps))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            stats = []
+            for m in range(cfg.grad_accum):  # distributed: this rank's share of the global micro-batch
+                idx = dist.shard(batch_indices(rows.shape[0], cfg.seed, step * cfg.grad_accum + m, cfg.batch_size))
+                stats.append(train_step(fm, rows[idx], cfg, target, controller.lam, head,
+                                        cached=cache.lookup(idx, device) if cache else None))
+            dist.average_gradients(params)  # distributed: gradients and metrics over the global batch
+            stats = dist.global_stats(stats)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            skipped = sum(s["skipped"] for s in stats) / len(stats)
+            controller.update(target, skipped)
+            tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+            rec = {"step": step + 1, "loss": sum(s["loss"] for s in stats) / len(stats),
+                   "top1_agreement": sum(s["agree"] for s in stats) / len(stats), "mean_skipped_layers": skipped,
+                   "target": target, "lambda": controller.lam, "lr": lr_at(step, cfg),
+                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                last_eval = heldout_metrics(fm, heldout[: cfg.eval_rows])
+                rec["heldout"] = last_eval
+            if metrics_path and dist.is_main:  # distributed: rank 0 writes
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.update(task, advance=1, loss=rec["loss"], skipped=skipped, tps=rec["tokens_per_s"])
+            done = step + 1
+            if folder and (done % cfg.save_every == 0 or done == cfg.steps or done == stop_after):
+                dist.on_main(save_training, fm, folder, cfg, done, opt, controller, None)  # others wait
+            if stop_after is not None and done >= stop_after:
+                return {"stopped_at": done}
+
+    for p in params:
+        p.requires_grad_(False)
+    summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data}
+    if heldout is not None:
+        final = heldout_metrics(fm, heldout)
+        summary["trained_threshold_skipped"] = final["mean_skipped_layers"]
+        if cfg.calibrate and abs(final["mean_skipped_layers"] - cfg.skip_target) > 0.1:
+            # a subset keeps the ~10 bisection passes cheap; the final numbers below use all held-out rows
+            subset = heldout[: 2 * cfg.eval_rows]
+            fm.config.threshold = fm.state.threshold = calibrate_threshold(fm, subset, cfg.skip_target)
+            final = heldout_metrics(fm, heldout)
+        summary.update(final, threshold=fm.config.threshold)
+        if fm.tokenizer is not None:
+            from .data import heldout_prompts
+
+            summary.update(greedy_agreement(fm, heldout_prompts(10)))
+    if folder:
+        dist.on_main(save_training, fm, folder, cfg, cfg.steps, opt, controller, summary)
+    return summary
+
+
+_TRAIN_FIELDS = "loss {task.fields[loss]:.4f}  skipped {task.fields[skipped]:.2f}  {task.fields[tps]:.0f} tok/s"
+
+
+def _progress(enabled: bool, label: str = "train", fields: str = _TRAIN_FIELDS):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(fields),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)

@@ -1,0 +1,164 @@
+"""Training on tiny models: the loss falls, only routers/adapters change, resume equals an unbroken run."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from flexicli.model import FlexiModel
+from flexicli.train import TrainConfig, batch_at, load_recipe, train
+
+
+def peaky_tiny(family="llama", sharpen=30.0):
+    """A tiny random model with a sharpened output head: random models predict near-uniform distributions, which
+    makes every KL tiny; a sharp head gives the distillation something to preserve."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpen)
+    return model
+
+
+def setup(tmp_path=None, family="llama"):
+    fm = FlexiModel.wrap(peaky_tiny(family), routed_layers=[0, 1], base_model="tiny")
+    g = torch.Generator().manual_seed(0)
+    rows, heldout = torch.randint(3, 128, (16, 32), generator=g), torch.randint(3, 128, (4, 32), generator=g)
+    if tmp_path is not None:
+        fm.save(tmp_path / "ckpt")
+        fm.path = tmp_path / "ckpt"
+    return fm, rows, heldout
+
+
+def cfg(**kw):
+    base = dict(skip_target=1.0, steps=12, batch_size=4, seq_len=32, lr=1e-2, warmup=2, eval_every=100,
+                save_every=100, calibrate=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_loss_falls_and_only_router_adapter_change():
+    fm, rows, heldout = setup()
+    base_before = {k: v.clone() for k, v in fm.model.state_dict().items() if ".router." not in k and ".adapter." not in k}
+    flexi_before = {k: v.clone() for k, v in fm.flexi_state_dict().items()}
+    losses = []
+    fm.path = None
+    summary = train(fm, cfg(steps=30), rows=rows, heldout=heldout, progress=False, log=losses.append)
+    for k, v in fm.model.state_dict().items():
+        if k in base_before:
+            assert torch.equal(v, base_before[k]), k
+    changed = [k for k, v in fm.flexi_state_dict().items() if not torch.equal(v, flexi_before[k])]
+    assert changed, "training must change routers/adapters"
+    assert summary["mean_skipped_layers"] > 0.3, summary
+
+
+def test_distillation_loss_falls_at_fixed_skipping():
+    """Layer 1 is forced to skip (its router saturated); training the adapter must bring the KL on the training
+    rows down. (Held-out rows of random tokens share nothing with the training rows, so they cannot improve.)"""
+    fm, rows, _ = setup()
+    from flexicli.train import heldout_metrics
+
+    fm.layers[0].router.bias.data.fill_(20.0)
+    fm.layers[1].router.bias.data.fill_(-20.0)
+    before = heldout_metrics(fm, rows)["kl"]
+    train(fm, cfg(steps=25, ramp=0.0), rows=rows, heldout=None, progress=False, log=lambda m: None)
+    after = heldout_metrics(fm, rows)
+    assert after["per_layer_skip_rate"] == {"0": 0.0, "1": 1.0}
+    assert after["kl"] < 0.7 * before, (before, after["kl"])
+
+
+def test_budget_is_hit():
+    fm, rows, heldout = setup()
+    summary = train(fm, cfg(steps=60, skip_target=1.0), rows=rows, heldout=heldout, progress=False, log=lambda m: None)
+    assert abs(summary["mean_skipped_layers"] - 1.0) <= 0.5, summary
+
+
+def test_resume_equals_unbroken_run(tmp_path):
+    fm_a, rows, heldout = setup(tmp_path / "a")
+    fm_b = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
+    fm_b.save(tmp_path / "b")
+    fm_b.path = tmp_path / "b"
+    c = dict(steps=10, save_every=100)
+    train(fm_a, cfg(**c), rows=rows, heldout=None, progress=False, log=lambda m: None)
+    train(fm_b, cfg(**c), rows=rows, heldout=None, progress=False, log=lambda m: None, stop_after=4)  # "killed"
+    fm_c = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")  # as in a fresh process
+    from flexicli.checkpoint import read_weights
+
+    fm_c.load_flexi_state_dict(read_weights(tmp_path / "b"))
+    fm_c.path = tmp_path / "b"
+    train(fm_c, cfg(**c), rows=rows, heldout=None, progress=False, log=lambda m: None, resume=True)
+    for k, v in fm_a.flexi_state_dict().items():
+        assert torch.allclose(v, fm_c.flexi_state_dict()[k], atol=1e-6), k
+
+
+def test_data_order_is_a_function_of_seed_and_index():
+    rows = torch.arange(40).view(10, 4)
+    assert torch.equal(batch_at(rows, 0, 3, 4), batch_at(rows, 0, 3, 4))
+    seen = torch.cat([batch_at(rows, 0, i, 2) for i in range(5)])[:, 0].tolist()
+    assert sorted(seen) == list(range(0, 40, 4)), "one epoch visits every row once"
+
+
+def test_recipes_load_and_bad_settings_fail():
+    from flexicli.errors import BadInput
+
+    r = load_recipe("smollm2-135m-cpu")
+    assert TrainConfig.from_dict({**r, "skip_target": 4}).steps == r["steps"]
+    with pytest.raises(BadInput, match="no recipe"):
+        load_recipe("nope")
+    with pytest.raises(BadInput, match="unknown training settings"):
+        TrainConfig.from_dict({"skip_target": 1, "stepz": 3})
+    with pytest.raises(BadInput, match="outside 0..2"):
+        cfg(skip_target=5).check(2)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    fm, rows, _ = setup()
+    fm2 = copy.deepcopy(fm)
+    fm2.state.checkpointing = True
+    from flexicli.objectives import logits_fn
+    from flexicli.train import train_step
+
+    grads = []
+    for m in (fm, fm2):
+        for p in m.trainable_parameters():
+            p.requires_grad_(True)
+        train_step(m, rows[:4], cfg(), 1.0, 0.1, logits_fn(m.model))
+        grads.append([p.grad.clone() for p in m.trainable_parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_threshold_calibration_hits_the_target():
+    from flexicli.train import calibrate_threshold, heldout_metrics
+
+    fm, rows, _ = setup()
+    for layer in fm.layers:  # routers that spread their gates over (0, 1)
+        torch.nn.init.normal_(layer.router.head.weight, std=2.0)
+        layer.router.bias.data.zero_()
+    tau = calibrate_threshold(fm, rows, 1.0, iters=12)
+    with fm.routing(threshold=tau):
+        assert abs(heldout_metrics(fm, rows)["mean_skipped_layers"] - 1.0) < 0.1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_teacher_cache_gives_the_same_step(family):
+    """A step from cached teacher/prefix hidden states equals a step that recomputes them."""
+    from flexicli.objectives import logits_fn
+    from flexicli.teacher import TeacherCache
+    from flexicli.train import train_step
+
+    fm = FlexiModel.wrap(peaky_tiny(family, sharpen=8.0), routed_layers=[1], base_model="tiny")  # GPT-2 ties it
+    rows = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(fm.layers[0].router.head.weight, std=1.0)
+    fm.layers[0].router.bias.data.fill_(0.0)  # some tokens run, some skip
+    cache = TeacherCache(fm, rows)
+    idx = torch.tensor([4, 1, 3])
+    results = []
+    for cached in (None, cache.lookup(idx, "cpu")):
+        for p in fm.trainable_parameters():
+            p.grad = None
+            p.requires_grad_(True)
+        out = train_step(fm, rows[idx], cfg(), 0.5, 0.1, logits_fn(fm.model), cached=cached)
+        results.append((out["loss"], [p.grad.clone() for p in fm.trainable_parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a - loss_b) < 1e-6 and loss_a > 0
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, atol=1e-6)
