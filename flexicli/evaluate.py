@@ -10,6 +10,7 @@ What is measured, always the routed model against the original:
                         and the fraction of positions whose most likely next token agrees; perplexity of both
   greedy_match          greedy generation from held-out prompts: the fraction of prompts whose new tokens are
                         identical, and greedy_first_divergence, the mean index of the first token that differs
+                        (an identical continuation counts as new_tokens: no divergence within the budget)
   mean_skipped_layers   skipped routed layers per token in the routed teacher-forced pass; per_layer_skip_rate
   retention             the built-in task suite (flexicli.tasks) on both: mean routed score / mean original score
 """
@@ -223,7 +224,8 @@ def compare_greedy(fm, prompts: list[list[int]], new_tokens: int, routing: dict,
         routed = generate_ids(fm, batch, new_tokens, routing)
         for a, b in zip(original, routed):
             matches += a == b
-            divergence += first_divergence(a, b)
+            # identical (both may stop early at end-of-sequence): no divergence within the whole budget
+            divergence += new_tokens if a == b else first_divergence(a, b)
         if tick:
             tick(len(batch))
     return {"greedy_match": matches / len(prompts), "greedy_first_divergence": divergence / len(prompts),

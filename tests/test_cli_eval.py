@@ -73,11 +73,13 @@ def test_exact_conversion_passes_and_is_stored(checkpoint):
                 "retention"):
         assert key in result
     assert result["passed"] is True and result["kl"] == 0.0 and result["top1_agreement"] == 1.0
-    assert result["greedy_match"] == 1.0 and result["per_layer_skip_rate"] == {"1": 0.0}
+    assert result["greedy_match"] == 1.0 and result["greedy_first_divergence"] == 6  # = --new-tokens
+    assert result["per_layer_skip_rate"] == {"1": 0.0}
     assert len(result["task_scores"]) == 7  # the suite ran (a random model scores ~0: retention undefined)
     stored = read_config(checkpoint).eval
     assert stored["passed"] is True and stored["kl"] == 0.0 and stored["data"].endswith("data.jsonl")
-    assert "| top1_agreement | 1.0000 |" in (checkpoint / CARD_FILE).read_text()
+    card = (checkpoint / CARD_FILE).read_text()
+    assert "Verdict: **passed**" in card and "| top1_agreement | 1 |" in card
 
 
 def test_damaged_checkpoint_fails_with_exit_code_1(checkpoint):
@@ -118,3 +120,19 @@ def test_bad_input(checkpoint, tmp_path):
     line = one_error_line(flexi_here("eval", "-m", str(checkpoint), "--data", str(tmp_path / "bad.jsonl")))
     assert "bad.jsonl:2" in line
     assert read_config(checkpoint).eval is None  # nothing half-written
+
+
+def test_default_heldout_data(checkpoint, monkeypatch):
+    """No --data: the built-in held-out conversations. Their answers (the original model's own, generated once
+    and cached by flexicli.data) are stubbed here: generating 42 of them is the slow part and is data's to test."""
+    import flexicli.data
+
+    asked = []
+    monkeypatch.setattr(flexicli.data, "teacher_answers",
+                        lambda fm, prompts, progress=None, **kw: asked.extend(prompts) or ["Fine, thanks."] * len(prompts))
+    r = flexi_here("eval", "-m", str(checkpoint), "--max-samples", "3", "--prompts", "1", "--new-tokens", "4",
+                   "--tasks-per-category", "0", "--json", "--no-save")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["texts"] == 3 and result["data"] == "built-in held-out" and result["passed"] is True
+    assert asked == flexicli.data.heldout_prompts()  # all of them: the cache key `flexi train` uses too
