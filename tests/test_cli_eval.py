@@ -29,7 +29,8 @@ def char_tokenizer():
     backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                   unk_token="<unk>")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}> {% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}> {% endif %}")
     return tok
 
 
@@ -128,11 +129,33 @@ def test_default_heldout_data(checkpoint, monkeypatch):
     import flexicli.data
 
     asked = []
-    monkeypatch.setattr(flexicli.data, "teacher_answers",
-                        lambda fm, prompts, progress=None, **kw: asked.extend(prompts) or ["Fine, thanks."] * len(prompts))
+
+    def answers(fm, prompts, progress=None, **kw):
+        asked.extend(prompts)
+        return ["Fine, thanks."] * len(prompts)
+
+    monkeypatch.setattr(flexicli.data, "teacher_answers", answers)
     r = flexi_here("eval", "-m", str(checkpoint), "--max-samples", "3", "--prompts", "1", "--new-tokens", "4",
                    "--tasks-per-category", "0", "--json", "--no-save")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["texts"] == 3 and result["data"] == "built-in held-out" and result["passed"] is True
     assert asked == flexicli.data.heldout_prompts()  # all of them: the cache key `flexi train` uses too
+
+
+def test_cli_threshold_defaults_are_the_library_defaults():
+    from dataclasses import asdict
+
+    from flexicli.cli.eval import _DEFAULTS
+    from flexicli.evaluate import Thresholds
+
+    assert _DEFAULTS == asdict(Thresholds())
+
+
+def test_static_skip_layers_is_reported_not_stored(checkpoint):
+    r = flexi_here("eval", "-m", str(checkpoint), "--data", str(checkpoint.parent / "data.jsonl"), *SMALL, "--json",
+                   "--skip-layers", "1")
+    result = json.loads(r.stdout)
+    assert result["routing"] == {"mode": "fixed", "skip_layers": [1]} and result["per_layer_skip_rate"] == {"1": 1.0}
+    assert read_config(checkpoint).eval is None
+    assert "not routed" in one_error_line(flexi_here("eval", "-m", str(checkpoint), "--skip-layers", "0"))

@@ -2,7 +2,8 @@ import click
 
 from .common import device_options, emit_json, json_option, model_option, stderr_console
 
-_DEFAULTS = dict(max_kl=0.25, min_top1=0.80, min_retention=0.90, min_greedy_match=None)  # = evaluate.Thresholds
+# The same as evaluate.Thresholds() (a test checks); repeated here so that `--help` needs no torch import.
+_DEFAULTS = dict(max_kl=0.25, min_top1=0.80, min_retention=0.90, min_greedy_match=None)
 
 
 class Limit(click.ParamType):
@@ -11,8 +12,10 @@ class Limit(click.ParamType):
     name = "X|off"
 
     def convert(self, value, param, ctx):
-        if value is None or isinstance(value, float) or str(value).lower() == "off":
-            return None if value is None or str(value).lower() == "off" else value
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() == "off":
+            return None
         try:
             return float(value)
         except ValueError:
@@ -27,7 +30,8 @@ class Limit(click.ParamType):
               "Default: the built-in held-out conversations.")
 @click.option("--max-samples", type=click.IntRange(min=1), default=32, show_default=True,
               help="Held-out texts scored under teacher forcing.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per text (truncated).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Tokens per text (truncated).")
 @click.option("--prompts", "n_prompts", type=click.IntRange(min=0), default=8, show_default=True,
               help="Held-out prompts for greedy-generation agreement (0: skip).")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
@@ -37,6 +41,8 @@ class Limit(click.ParamType):
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Router threshold to evaluate at (default: the checkpoint's own).")
+@click.option("--skip-layers", default=None, help="Instead of the routers: skip these routed layers for every "
+              "token, run the rest (e.g. '25-28'), to compare with static layer skipping.")
 @click.option("--max-kl", type=Limit(), default=_DEFAULTS["max_kl"], show_default=True,
               help="Highest mean KL(original||routed) per token, nats.")
 @click.option("--min-top1", type=Limit(), default=_DEFAULTS["min_top1"], show_default=True,
@@ -50,7 +56,7 @@ class Limit(click.ParamType):
 @json_option
 @click.pass_context
 def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, tasks_per_category, batch_size,
-            threshold, max_kl, min_top1, min_retention, min_greedy_match, no_save, device, dtype, as_json):
+            threshold, skip_layers, max_kl, min_top1, min_retention, min_greedy_match, no_save, device, dtype, as_json):
     from pathlib import Path
 
     from ..errors import BadInput
@@ -72,6 +78,8 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
 
         texts = read_data(data, fm.tokenizer)
     routing = {"mode": "routed"} if threshold is None else {"mode": "routed", "threshold": threshold}
+    if skip_layers is not None:
+        routing = {"mode": "fixed", "skip_layers": _routed_subset(fm, skip_layers)}
     thresholds = Thresholds(max_kl=max_kl, min_top1=min_top1, min_retention=min_retention,
                             min_greedy_match=min_greedy_match)
 
@@ -80,15 +88,35 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
         tasks_per_category=tasks_per_category, batch_size=batch_size, thresholds=thresholds, routing=routing,
         progress=progress))
     result["data"] = str(data) if data else "built-in held-out"
-    if not no_save and not looks_like_hub_id(model_dir):
-        store(fm.path, result)
-    elif not no_save:
+    # Stored only for the checkpoint as it is configured: its card must not show another threshold's numbers.
+    if no_save:
+        pass
+    elif threshold is not None or skip_layers is not None:
+        console.print("[dim]evaluated with --threshold/--skip-layers: the result is not stored in the checkpoint[/dim]")
+    elif looks_like_hub_id(model_dir):
         console.print(f"[dim]{model_dir} is a Hub checkpoint: the result is not stored[/dim]")
+    else:
+        store(fm.path, result)
     if as_json:
         emit_json(result)
     else:
         _print_report(result)
     ctx.exit(0 if result["passed"] else 1)
+
+
+def _routed_subset(fm, spec: str) -> list[int]:
+    from ..errors import BadInput
+    from ..model import parse_layers
+
+    try:
+        layers = parse_layers(spec, fm.config.num_layers)
+    except BadInput as e:
+        raise BadInput(str(e).replace("--layers", "--skip-layers"), e.hint) from None
+    outside = sorted(set(layers) - set(fm.config.routed_layers))
+    if outside:
+        routed = fm.config.routed_layers
+        raise BadInput(f"--skip-layers names layers {outside} that are not routed (routed: {routed[0]}..{routed[-1]})")
+    return layers
 
 
 def _run_with_progress(console, work):
