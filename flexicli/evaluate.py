@@ -317,16 +317,23 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
 
     result: dict = {"routing": routing, "threshold": fm.state.threshold if "threshold" not in routing
                     else routing["threshold"], "texts": len(seqs), "seq_len": seq_len}
-    result.update(compare_teacher_forced(fm, seqs, routing, batch_size, ticker("teacher forcing", len(seqs))))
+    stage_seconds = {"held-out data": time.monotonic() - started}
+
+    def timed(stage, work):
+        t0 = time.monotonic()
+        result.update(work())
+        stage_seconds[stage] = time.monotonic() - t0
+
+    timed("teacher forcing", lambda: compare_teacher_forced(fm, seqs, routing, batch_size,
+                                                            ticker("teacher forcing", len(seqs))))
+    result.update(greedy_match=None, greedy_first_divergence=None, greedy_prompts=0, retention=None, task_scores={})
     if prompt_ids:
-        result.update(compare_greedy(fm, prompt_ids, new_tokens, routing, 2 * batch_size,
-                                     ticker("greedy generation", len(prompt_ids))))
-    else:
-        result.update(greedy_match=None, greedy_first_divergence=None, greedy_prompts=0)
+        timed("greedy generation", lambda: compare_greedy(fm, prompt_ids, new_tokens, routing, 2 * batch_size,
+                                                          ticker("greedy generation", len(prompt_ids))))
     if tasks:
-        result.update(compare_tasks(fm, tasks, routing, 2 * batch_size, ticker("task suite", len(tasks))))
-    else:
-        result.update(retention=None, task_scores={})
+        timed("task suite", lambda: compare_tasks(fm, tasks, routing, 2 * batch_size,
+                                                  ticker("task suite", len(tasks))))
+    result["stage_seconds"] = {k: round(v, 1) for k, v in stage_seconds.items()}
     checks = thresholds.checks(result)  # before NaN becomes None: a NaN metric fails its check
     result = _finite({**result, "checks": checks})
     result["thresholds"] = asdict(thresholds)

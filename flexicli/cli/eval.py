@@ -183,7 +183,9 @@ def _print_report(r: dict) -> None:
         out.print(tasks)
     failed = [f"{row['metric']} {_fmt(row['value'])} (needs {row['op']} {row['limit']:g})"
               for row in r["checks"] if row["ok"] is False]
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in r.get("stage_seconds", {}).items())
+    out.print(f"time: {r['seconds']:.0f} s ({stages})")
     if r["passed"]:
-        out.print(f"[bold green]PASSED[/bold green] ({r['seconds']:.0f} s)")
+        out.print("[bold green]PASSED[/bold green]")
     else:
         out.print(f"[bold red]FAILED[/bold red]: {'; '.join(failed) or 'no threshold was measured'}")
