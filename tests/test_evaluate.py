@@ -166,7 +166,8 @@ def test_bad_arguments_are_bad_input():
 
 
 # ---- real tier: SmolLM2-135M with its tokenizer, chat prompts and the task suite ------------------------------
-SMALL = dict(max_samples=4, seq_len=64, n_prompts=2, new_tokens=8, tasks_per_category=1, batch_size=4)
+SMALL = dict(max_samples=4, seq_len=64, n_prompts=2, new_tokens=8, batch_size=4)
+PROMPTS = ["What is the capital of France?", "List three colours."]
 TEXTS = ["The museum opens at nine and closes at five. Visitors can buy tickets at the door or online.",
          "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the leaves of plants.",
          "To reverse a list in Python, call its reverse() method or take the slice with step minus one.",
@@ -175,13 +176,17 @@ TEXTS = ["The museum opens at nine and closes at five. Visitors can buy tickets 
 
 @pytest.mark.real
 def test_real_exact_conversion_passes_and_damage_fails(smollm2):
+    from flexicli.tasks import load_tasks
+
     model, tok, info = smollm2
     fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
-    r = evaluate(fm, data=TEXTS, prompts=["What is the capital of France?", "List three colours."], **SMALL)
+    # two short-answer task items that SmolLM2 gets right, so retention is defined (generation is the slow part)
+    tasks = load_tasks(categories=["factual_qa"], per_category=2)
+    r = evaluate(fm, data=TEXTS, prompts=PROMPTS, tasks=tasks, **SMALL)
     assert r["kl"] == 0.0 and r["top1_agreement"] == 1.0 and r["greedy_match"] == 1.0
-    assert r["retention"] == pytest.approx(1.0) and len(r["task_scores"]) == 7
+    assert r["task_score_original"] > 0 and r["retention"] == pytest.approx(1.0)
     assert r["passed"] is True
     damage(fm)
-    bad = evaluate(fm, data=TEXTS, prompts=["What is the capital of France?", "List three colours."], **SMALL)
+    bad = evaluate(fm, data=TEXTS, prompts=PROMPTS[:1], tasks=[], **SMALL)
     assert bad["mean_skipped_layers"] == 15.0 and bad["kl"] > 1.0 and bad["top1_agreement"] < 0.5
-    assert bad["passed"] is False
+    assert bad["greedy_match"] == 0.0 and bad["passed"] is False
