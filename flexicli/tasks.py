@@ -44,6 +44,9 @@ _FACTS = [
     ("What is frozen water called?", "ice"), ("How many legs does a spider have?", "8|eight"),
 ]
 _WORDS = ["apple", "river", "stone", "cloud", "lamp", "tiger"]
+# Tokens to generate per category: room for a good answer, no more (generation is the slow part of eval).
+NEW_TOKENS = {"copy": 32, "repetition": 24, "summarisation": 40, "continuation": 16, "addition": 8,
+              "multiplication": 8, "factual_qa": 16}
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class Task:
     prompt: str  # the user's message (goes through the chat template)
     answer: str  # reference; for "contains" scoring, alternatives separated by "|"
     scoring: str  # "contains" | "exact_start" | "f1"
+
+    @property
+    def max_new_tokens(self) -> int:
+        return NEW_TOKENS[self.category]
 
     def score(self, output: str) -> float:
         out = output.strip()

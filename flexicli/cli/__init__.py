@@ -14,6 +14,7 @@ from .common import FlexiGroup
 VERBS = {
     "convert": "Wrap a Hugging Face decoder with routers and adapters (base weights untouched).",
     "train": "Distil the routed model against the original model under a layer budget.",
+    "eval": "Is the output preserved? Routed vs original model: numbers and a pass/fail verdict.",
     "push": "Push a checkpoint and its model card to the Hub in one commit.",
     "export": "Write a folder that stock transformers loads (trust_remote_code) and runs with skipping.",
     "import": "Import a checkpoint in the official FlexiDepth format as a flexicli checkpoint.",

@@ -1,0 +1,384 @@
+"""evaluate: is the routed model's output preserved? The routed model (routers decide) is compared with the
+original model (routing off: the same weights in memory, no second copy) on held-out data.
+
+    from flexicli.evaluate import evaluate, Thresholds
+    result = evaluate(fm)                                    # JSON-ready dict; result["passed"] is the verdict
+    result = evaluate(fm, data=[[5, 9, 12, ...]], prompts=[[5, 9]], tasks=[])   # token ids: no tokenizer needed
+
+What is measured, always the routed model against the original:
+  kl, top1_agreement    teacher forcing on held-out texts: mean KL(original || routed) per scored token (nats)
+                        and the fraction of positions whose most likely next token agrees; perplexity of both
+  greedy_match          greedy generation from held-out prompts: the fraction of prompts whose new tokens are
+                        identical, and greedy_first_divergence, the mean index of the first token that differs
+                        (an identical continuation counts as new_tokens: no divergence within the budget)
+  mean_skipped_layers   skipped routed layers per token in the routed teacher-forced pass; per_layer_skip_rate
+  retention             the built-in task suite (flexicli.tasks) on both: mean routed score / mean original score
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInput
+
+# Defaults chosen so that `flexi eval` on SmolLM2-135M finishes in a few minutes on 2 CPU cores.
+DEFAULTS = dict(max_samples=32, seq_len=256, n_prompts=8, new_tokens=32, tasks_per_category=3, batch_size=4)
+
+
+@dataclass
+class Thresholds:
+    """The verdict: every threshold that is set (not None) and whose metric was measured must hold.
+
+    Anchor: removing SmolLM2-135M's 4 least influential layers outright gives KL 0.50 and top-1 agreement 0.66
+    (DESIGN.md). A routed model that skips about as many layers on average must do far better than that static
+    baseline to count as "output preserved". Greedy exact match over 32 tokens is reported but not gated by
+    default: one early near-tie flips the rest of the sequence, so it is a noisy pass/fail signal.
+    """
+
+    max_kl: float | None = 0.25  # nats per token, KL(original || routed)
+    min_top1: float | None = 0.80  # teacher-forced top-1 agreement
+    min_retention: float | None = 0.90  # task suite: routed score / original score
+    min_greedy_match: float | None = None  # fraction of prompts with identical greedy continuations
+
+    _RULES = (("max_kl", "kl", "<="), ("min_top1", "top1_agreement", ">="), ("min_retention", "retention", ">="),
+              ("min_greedy_match", "greedy_match", ">="))
+
+    def checks(self, result: dict) -> list[dict]:
+        """One row per set threshold: ok is True/False, or None when the metric could not be measured."""
+        rows = []
+        for name, key, op in self._RULES:
+            limit = getattr(self, name)
+            if limit is None:
+                continue
+            value = result.get(key)
+            ok = None if value is None else bool(value <= limit if op == "<=" else value >= limit)  # NaN fails
+            rows.append({"metric": key, "value": value, "op": op, "limit": limit, "ok": ok})
+        return rows
+
+
+# ---- metrics on tensors (pure functions; the tests check each against hand-computed answers) -----------------
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position in nats: sum_v p_t (log p_t - log p_s). [..., V] -> [...]."""
+    lt = torch.log_softmax(teacher_logits.float(), -1)
+    ls = torch.log_softmax(student_logits.float(), -1)
+    return F.kl_div(ls, lt, log_target=True, reduction="none").sum(-1)
+
+
+def top1_match(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Bool per position: both put their highest logit on the same token."""
+    return teacher_logits.argmax(-1) == student_logits.argmax(-1)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of `labels` per position (nats); exp(mean) is the perplexity."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           reduction="none").reshape(labels.shape)
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
+    """Index of the first token where two generations differ; the shorter length when one is a prefix of the
+    other (one stopped earlier), the full length when they are identical."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def skip_counts(decisions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """decisions [B, T, n_routed] (True = ran), valid [B, T]: skipped tokens per routed layer, tokens counted."""
+    ran = decisions[valid.to(decisions.device)]
+    return (~ran).sum(0), ran.shape[0]
+
+
+def retention(original: Sequence[float], routed: Sequence[float]) -> float | None:
+    """Mean routed score / mean original score; None when the original scores nothing (undefined)."""
+    base = sum(original) / max(1, len(original))
+    return None if base == 0 else (sum(routed) / max(1, len(routed))) / base
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+def _ids(fm, item, chat: bool) -> list[int]:
+    """A str through the tokenizer (a prompt through the chat template, if any), or token ids as they are."""
+    if not isinstance(item, str):
+        return [int(t) for t in (item.tolist() if torch.is_tensor(item) else item)]
+    tok = fm.tokenizer
+    if tok is None:
+        raise BadInput("this model has no tokenizer, so it cannot read text", "pass token ids from Python")
+    if chat and getattr(tok, "chat_template", None):
+        item = tok.apply_chat_template([{"role": "user", "content": item}], add_generation_prompt=True,
+                                       tokenize=False)
+        return tok(item, add_special_tokens=False)["input_ids"]
+    # Chat-templated text already carries the BOS token (if the model uses one); plain text gets it here.
+    has_bos = bool(tok.bos_token) and item.startswith(tok.bos_token)
+    return tok(item, add_special_tokens=not has_bos)["input_ids"]
+
+
+def _default_texts(fm, n: int, progress=None) -> list[str]:
+    """The built-in held-out conversations: held-out prompts with the original model's own answers. All of them
+    are asked for (then cut to n) so that the cached answers are the ones `flexi train` already generated."""
+    from .data import heldout_texts
+
+    return heldout_texts(fm, progress=progress)[:n]
+
+
+def _default_prompts(n: int) -> list[str]:
+    from .data import heldout_prompts
+
+    return heldout_prompts(n)
+
+
+def _pad_id(fm) -> int:
+    tok, cfg = fm.tokenizer, fm.model.config
+    for pad in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None),
+                getattr(cfg, "pad_token_id", None)):
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def _eos_ids(fm) -> set[int]:
+    eos = getattr(getattr(fm.model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else getattr(fm.tokenizer, "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# ---- the three comparisons ----------------------------------------------------------------------------------
+def compare_teacher_forced(fm, seqs: list[list[int]], routing: dict, batch_size: int, tick=None) -> dict:
+    """KL, top-1 agreement, perplexities and skip statistics over token sequences (right-padded batches)."""
+    device = next(fm.model.parameters()).device
+    n_routed = len(fm.config.routed_layers)
+    kl = agree = nll_o = nll_r = 0.0
+    scored, skipped, tokens = 0, torch.zeros(n_routed, dtype=torch.long), 0
+    seqs = sorted(seqs, key=len, reverse=True)  # similar lengths together: less padding
+    for batch in _batches(seqs, batch_size):
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), _pad_id(fm), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, s in enumerate(batch):
+            ids[row, :len(s)], mask[row, :len(s)] = torch.tensor(s), True
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            with fm.routing("full"):
+                t_logits = fm.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+            with fm.routing(**routing), fm.record() as rec:
+                s_logits = fm.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+        d_skipped, d_tokens = skip_counts(rec.decisions(), mask.cpu())
+        skipped, tokens = skipped + d_skipped, tokens + d_tokens
+        for row in range(len(batch)):  # one row at a time: full-vocabulary temporaries stay small
+            n = int(mask[row].sum()) - 1  # positions that predict a next token inside the sequence
+            t, s, labels = t_logits[row, :n], s_logits[row, :n], ids[row, 1:n + 1]
+            kl += float(token_kl(t, s).sum())
+            agree += float(top1_match(t, s).sum())
+            nll_o += float(token_nll(t, labels).sum())
+            nll_r += float(token_nll(s, labels).sum())
+            scored += n
+        del t_logits, s_logits
+        if tick:
+            tick(len(batch))
+    if scored == 0:
+        raise BadInput("no held-out text to score: every sequence is shorter than 2 tokens")
+    rates = (skipped.float() / max(1, tokens)).tolist()
+    return {
+        "kl": kl / scored, "top1_agreement": agree / scored, "scored_tokens": scored,
+        "perplexity_original": math.exp(nll_o / scored), "perplexity_routed": math.exp(nll_r / scored),
+        "mean_skipped_layers": float(skipped.sum()) / max(1, tokens),
+        "per_layer_skip_rate": {str(i): r for i, r in zip(fm.config.routed_layers, rates)},
+    }
+
+
+def generate_ids(fm, prompts: list[list[int]], new_tokens: int, routing: dict) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (left-padded), each cut at its first end-of-sequence token."""
+    device = next(fm.model.parameters()).device
+    width, pad = max(map(len, prompts)), _pad_id(fm)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    eos = _eos_ids(fm)
+    with torch.no_grad(), fm.routing(**routing):
+        out = fm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                                min_new_tokens=0, do_sample=False, pad_token_id=pad,
+                                eos_token_id=sorted(eos) or None)
+    result = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def compare_greedy(fm, prompts: list[list[int]], new_tokens: int, routing: dict, batch_size: int, tick=None) -> dict:
+    matches, divergence = 0, 0
+    for batch in _batches(prompts, batch_size):
+        original = generate_ids(fm, batch, new_tokens, {"mode": "full"})
+        routed = generate_ids(fm, batch, new_tokens, routing)
+        for a, b in zip(original, routed):
+            matches += a == b
+            # identical (both may stop early at end-of-sequence): no divergence within the whole budget
+            divergence += new_tokens if a == b else first_divergence(a, b)
+        if tick:
+            tick(len(batch))
+    return {"greedy_match": matches / len(prompts), "greedy_first_divergence": divergence / len(prompts),
+            "greedy_prompts": len(prompts), "greedy_new_tokens": new_tokens}
+
+
+def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None) -> dict:
+    """The task suite on both models; each category's batches use that category's answer length."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    by_category: dict[str, list] = {}
+    for task in tasks:
+        by_category.setdefault(task.category, []).append(task)
+    for category, items in by_category.items():
+        for batch in _batches(items, batch_size):
+            prompts = [_ids(fm, t.prompt, chat=True) for t in batch]
+            for name, mode in (("original", {"mode": "full"}), ("routed", routing)):
+                outs = generate_ids(fm, prompts, batch[0].max_new_tokens, mode)
+                texts = fm.tokenizer.batch_decode(outs, skip_special_tokens=True)
+                scores.setdefault(category, {"original": [], "routed": []})[name] += [
+                    t.score(x) for t, x in zip(batch, texts)]
+            if tick:
+                tick(len(batch))
+    per_category = {c: {"original": _mean(s["original"]), "routed": _mean(s["routed"]),
+                        "retention": retention(s["original"], s["routed"]), "items": len(s["original"])}
+                    for c, s in scores.items()}
+    everything = {k: [x for s in scores.values() for x in s[k]] for k in ("original", "routed")}
+    return {"retention": retention(everything["original"], everything["routed"]),
+            "task_score_original": _mean(everything["original"]), "task_score_routed": _mean(everything["routed"]),
+            "task_scores": per_category}
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+# ---- the whole evaluation -----------------------------------------------------------------------------------
+def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULTS["max_samples"],
+             seq_len: int = DEFAULTS["seq_len"], n_prompts: int = DEFAULTS["n_prompts"],
+             new_tokens: int = DEFAULTS["new_tokens"], tasks_per_category: int = DEFAULTS["tasks_per_category"],
+             batch_size: int = DEFAULTS["batch_size"], thresholds: Thresholds | None = None,
+             routing: dict | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Compare the routed model with the original and give a verdict. Returns a JSON-ready dict.
+
+    data: held-out texts (str) or token-id sequences; default: the built-in held-out conversations.
+    prompts: prompts (str, sent through the chat template) or token ids for greedy generation; default:
+        built-in held-out prompts when the model has a tokenizer, else the first half of each data sequence.
+    tasks: list of flexicli.tasks.Task; default: `tasks_per_category` of each category ([] or 0 turns it off).
+    routing: how the routed model routes (fm.routing keywords); default {"mode": "routed"}.
+    progress: called as progress(stage, done, total) after each batch.
+    """
+    for name, value in (("max_samples", max_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if value < 1 or (name == "seq_len" and value < 2):
+            raise BadInput(f"{name} must be at least {2 if name == 'seq_len' else 1}, not {value}")
+    if new_tokens < 1 or n_prompts < 0 or tasks_per_category < 0:
+        raise BadInput("new_tokens must be at least 1; n_prompts and tasks_per_category at least 0")
+    thresholds = thresholds or Thresholds()
+    routing = dict(routing or {"mode": "routed"})
+    started = time.monotonic()
+
+    if data is None:
+        answers = (lambda done, total: progress("held-out answers", done, total)) if progress else None
+        data = _default_texts(fm, max_samples, answers)
+    texts = list(data)
+    seqs = [s[:seq_len] for s in (_ids(fm, x, chat=False) for x in texts[:max_samples])]
+    seqs = [s for s in seqs if len(s) >= 2]
+    if prompts is None:
+        prompts = _default_prompts(n_prompts) if fm.tokenizer is not None else [s[:len(s) // 2] for s in seqs]
+    prompt_ids = [p for p in (_ids(fm, x, chat=True) for x in list(prompts)[:n_prompts]) if p]
+    if tasks is None:
+        if fm.tokenizer is None or tasks_per_category == 0:
+            tasks = []
+        else:
+            from .tasks import load_tasks
+
+            tasks = load_tasks(per_category=tasks_per_category)
+    if tasks and fm.tokenizer is None:
+        raise BadInput("the task suite needs a tokenizer and this model has none", "pass tasks=[]")
+
+    def ticker(stage, total):
+        done = [0]
+
+        def tick(n):
+            done[0] += n
+            if progress:
+                progress(stage, done[0], total)
+        if progress:
+            progress(stage, 0, total)
+        return tick
+
+    result: dict = {"routing": routing, "threshold": fm.state.threshold if "threshold" not in routing
+                    else routing["threshold"], "texts": len(seqs), "seq_len": seq_len}
+    stage_seconds = {"held-out data": time.monotonic() - started}
+
+    def timed(stage, work):
+        t0 = time.monotonic()
+        result.update(work())
+        stage_seconds[stage] = time.monotonic() - t0
+
+    timed("teacher forcing", lambda: compare_teacher_forced(fm, seqs, routing, batch_size,
+                                                            ticker("teacher forcing", len(seqs))))
+    result.update(greedy_match=None, greedy_first_divergence=None, greedy_prompts=0, retention=None, task_scores={})
+    if prompt_ids:
+        timed("greedy generation", lambda: compare_greedy(fm, prompt_ids, new_tokens, routing, 2 * batch_size,
+                                                          ticker("greedy generation", len(prompt_ids))))
+    if tasks:
+        timed("task suite", lambda: compare_tasks(fm, tasks, routing, 2 * batch_size,
+                                                  ticker("task suite", len(tasks))))
+    result["stage_seconds"] = {k: round(v, 1) for k, v in stage_seconds.items()}
+    checks = thresholds.checks(result)  # before NaN becomes None: a NaN metric fails its check
+    result = _finite({**result, "checks": checks})
+    result["thresholds"] = asdict(thresholds)
+    # Passed: no check failed and at least one held. An unmeasured metric (no tasks, or an original model that
+    # scores 0 so retention is undefined) is reported as such and does not decide the verdict.
+    result["passed"] = all(row["ok"] is not False for row in checks) and any(row["ok"] for row in checks)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def _finite(obj):
+    """NaN and infinities become None: JSON has no NaN (a model that produces them has failed its checks)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# What goes into the checkpoint's config (and from there into the model card): the verdict and the headline
+# numbers, not the per-check rows or per-item details.
+STORED = ("passed", "kl", "top1_agreement", "greedy_match", "greedy_first_divergence", "perplexity_original",
+          "perplexity_routed", "mean_skipped_layers", "per_layer_skip_rate", "retention", "threshold", "thresholds",
+          "data", "texts", "scored_tokens", "greedy_prompts", "seconds")
+
+
+def summary(result: dict) -> dict:
+    out = {k: result[k] for k in STORED if k in result}
+    out["task_retention"] = {c: s["retention"] for c, s in result.get("task_scores", {}).items()}
+    return out
+
+
+def store(folder, result: dict) -> dict:
+    """Write summary(result) into the checkpoint's config as `eval` and refresh its model card (as `fm.save`
+    renders it), so the card and `flexi push` show it. Returns what was stored."""
+    from pathlib import Path
+
+    from .card import render_card
+    from .checkpoint import CARD_FILE, update_config
+
+    stored = summary(result)
+    config = update_config(Path(folder), eval=stored)
+    tmp = Path(folder) / f".{CARD_FILE}.tmp"
+    tmp.write_text(render_card(config))
+    tmp.replace(Path(folder) / CARD_FILE)
+    return stored

@@ -1,0 +1,192 @@
+"""evaluate: each metric against hand-computed answers, and the verdict on exact and damaged models."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from flexicli.evaluate import (Thresholds, compare_teacher_forced, evaluate, first_divergence, generate_ids,
+                               retention, skip_counts, token_kl, token_nll, top1_match)
+from flexicli.model import FlexiModel
+
+
+# ---- metrics on constructed inputs ----------------------------------------------------------------------------
+def test_kl_of_identical_distributions_is_zero_and_shift_invariant():
+    logits = torch.randn(3, 5, 11)
+    assert torch.allclose(token_kl(logits, logits), torch.zeros(3, 5), atol=1e-6)
+    assert torch.allclose(token_kl(logits, logits + 7.0), torch.zeros(3, 5), atol=1e-5)  # softmax ignores shifts
+
+
+def test_kl_known_value_and_direction():
+    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+    # KL(p||q) = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln(4/3)
+    assert token_kl(p.log(), q.log()).item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    # KL(q||p) = 0.25 ln(0.5) + 0.75 ln(1.5): the teacher is the first argument
+    assert token_kl(q.log(), p.log()).item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-6)
+
+
+def test_top1_agreement_fraction():
+    teacher = torch.tensor([[5.0, 1, 0], [0, 2, 1], [0, 0, 3], [1, 0, 0]])
+    student = torch.tensor([[4.0, 0, 0], [3, 1, 0], [0, 1, 9], [0, 2, 0]])
+    assert top1_match(teacher, student).tolist() == [True, False, True, False]
+
+
+def test_nll_of_uniform_logits_gives_perplexity_v():
+    v = 13
+    nll = token_nll(torch.zeros(2, 4, v), torch.randint(0, v, (2, 4)))
+    assert math.exp(nll.mean().item()) == pytest.approx(v, rel=1e-5)
+    peaked = torch.full((1, 1, v), -1e4)
+    peaked[0, 0, 3] = 0
+    assert token_nll(peaked, torch.tensor([[3]])).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_first_divergence_positions():
+    assert first_divergence([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert first_divergence([7, 2], [1, 2]) == 0
+    assert first_divergence([1, 2, 3], [1, 2, 3]) == 3  # identical: the full length
+    assert first_divergence([1, 2], [1, 2, 3]) == 2  # one stopped earlier (end of sequence)
+    assert first_divergence([], []) == 0
+
+
+def test_skip_counts_from_a_constructed_decision_tensor():
+    ran = torch.tensor([[[True, False, True], [False, False, True], [True, True, True]],
+                        [[False, True, True], [True, True, True], [False, False, False]]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])  # the last token of row 2 is padding
+    skipped, tokens = skip_counts(ran, valid)
+    assert tokens == 5
+    assert skipped.tolist() == [2, 2, 0]  # per routed layer, over the 5 real tokens (padding ignored)
+    assert skipped.sum().item() / tokens == pytest.approx(4 / 5)  # mean skipped layers per token
+
+
+def test_retention_math():
+    assert retention([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx(2 / 3)
+    assert retention([0.5, 0.5], [0.5, 1.0]) == pytest.approx(1.5)  # routed may beat the original
+    assert retention([0, 0], [1, 1]) is None  # undefined when the original scores nothing
+
+
+def test_threshold_checks():
+    t = Thresholds(max_kl=0.1, min_top1=0.9, min_retention=0.9, min_greedy_match=None)
+    rows = {r["metric"]: r["ok"] for r in t.checks({"kl": 0.05, "top1_agreement": 0.85, "retention": None})}
+    assert rows == {"kl": True, "top1_agreement": False, "retention": None}  # greedy is off: no row
+    assert {r["metric"]: r["ok"] for r in t.checks({"kl": float("nan"), "top1_agreement": 1.0})}["kl"] is False
+
+
+# ---- the passes on tiny models (token ids: no tokenizer needed) -----------------------------------------------
+def sequences(n=6, lengths=(40, 25, 33, 12, 40, 7), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+def damage(fm, seed=0):
+    """Noise in every adapter and routers that skip every token."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in fm.layers:
+            layer.router.bias.fill_(-20.0)
+            for p in layer.adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+
+
+def test_teacher_forced_metrics_match_a_direct_computation_despite_padding():
+    """Batched, right-padded sequences of different lengths give what each sequence gives alone."""
+    fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[0, 1], base_model="tiny")
+    damage(fm)
+    seqs = sequences()
+    got = compare_teacher_forced(fm, seqs, {"mode": "routed"}, batch_size=4)
+    kl = agree = nll = 0.0
+    count = 0
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.tensor([s])
+            with fm.routing("full"):
+                t = fm.model(ids).logits[0, :-1]
+            with fm.routing("routed"):
+                r = fm.model(ids).logits[0, :-1]
+            kl += token_kl(t, r).sum().item()
+            agree += top1_match(t, r).sum().item()
+            nll += token_nll(r, ids[0, 1:]).sum().item()
+            count += len(s) - 1
+    assert got["scored_tokens"] == count
+    assert got["kl"] == pytest.approx(kl / count, rel=1e-4) and got["kl"] > 0.001
+    assert got["top1_agreement"] == pytest.approx(agree / count)
+    assert got["perplexity_routed"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert got["mean_skipped_layers"] == 2.0 and got["per_layer_skip_rate"] == {"0": 1.0, "1": 1.0}
+
+
+def test_per_layer_skip_rate_follows_fixed_routing():
+    fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[0, 1], base_model="tiny")
+    got = compare_teacher_forced(fm, sequences(), {"mode": "fixed", "skip_layers": {1}}, batch_size=3)
+    assert got["per_layer_skip_rate"] == {"0": 0.0, "1": 1.0} and got["mean_skipped_layers"] == 1.0
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    """Left padding must not change what a prompt generates."""
+    fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[1], base_model="tiny")
+    prompts = [s[: len(s) // 2] for s in sequences()]
+    batched = generate_ids(fm, prompts, 10, {"mode": "full"})
+    alone = [generate_ids(fm, [p], 10, {"mode": "full"})[0] for p in prompts]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_verdict_passes_on_an_exact_conversion(family):
+    fm = FlexiModel.wrap(tiny_model(family), base_model="tiny")
+    r = evaluate(fm, data=sequences(), tasks=[], new_tokens=8)
+    assert r["kl"] == 0.0 and r["top1_agreement"] == 1.0 and r["greedy_match"] == 1.0
+    assert r["perplexity_original"] == r["perplexity_routed"]
+    assert r["mean_skipped_layers"] == 0.0 and r["retention"] is None
+    assert r["passed"] is True
+
+
+def test_verdict_fails_on_a_damaged_model():
+    fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[0, 1], base_model="tiny")
+    damage(fm)
+    r = evaluate(fm, data=sequences(), tasks=[], new_tokens=8)
+    assert r["passed"] is False
+    assert r["mean_skipped_layers"] == 2.0 and r["greedy_match"] < 1.0
+    failed = {row["metric"] for row in r["checks"] if row["ok"] is False}
+    assert "top1_agreement" in failed
+    # the same model passes once its thresholds are switched off except a lenient one: the verdict follows them
+    lenient = evaluate(fm, data=sequences(), tasks=[], new_tokens=8, thresholds=Thresholds(max_kl=10.0, min_top1=None))
+    assert lenient["passed"] is True
+
+
+def test_bad_arguments_are_bad_input():
+    from flexicli.errors import BadInput
+
+    fm = FlexiModel.wrap(tiny_model("llama"), base_model="tiny")
+    with pytest.raises(BadInput):
+        evaluate(fm, data=sequences(), tasks=[], seq_len=1)
+    with pytest.raises(BadInput, match="no tokenizer"):
+        evaluate(fm, data=["some text"], tasks=[])
+    with pytest.raises(BadInput, match="shorter than 2"):
+        evaluate(fm, data=[[5]], prompts=[], tasks=[])
+
+
+# ---- real tier: SmolLM2-135M with its tokenizer, chat prompts and the task suite ------------------------------
+SMALL = dict(max_samples=4, seq_len=64, n_prompts=2, new_tokens=8, batch_size=4)
+PROMPTS = ["What is the capital of France?", "List three colours."]
+TEXTS = ["The museum opens at nine and closes at five. Visitors can buy tickets at the door or online.",
+         "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the leaves of plants.",
+         "To reverse a list in Python, call its reverse() method or take the slice with step minus one.",
+         "The train left the station twenty minutes late because of a signal failure near the bridge."]
+
+
+@pytest.mark.real
+def test_real_exact_conversion_passes_and_damage_fails(smollm2):
+    from flexicli.tasks import load_tasks
+
+    model, tok, info = smollm2
+    fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
+    # two short-answer task items that SmolLM2 gets right, so retention is defined (generation is the slow part)
+    tasks = load_tasks(categories=["factual_qa"], per_category=2)
+    r = evaluate(fm, data=TEXTS, prompts=PROMPTS, tasks=tasks, **SMALL)
+    assert r["kl"] == 0.0 and r["top1_agreement"] == 1.0 and r["greedy_match"] == 1.0
+    assert r["task_score_original"] > 0 and r["retention"] == pytest.approx(1.0)
+    assert r["passed"] is True
+    damage(fm)
+    bad = evaluate(fm, data=TEXTS, prompts=PROMPTS[:1], tasks=[], **SMALL)
+    assert bad["mean_skipped_layers"] == 15.0 and bad["kl"] > 1.0 and bad["top1_agreement"] < 0.5
+    assert bad["greedy_match"] == 0.0 and bad["passed"] is False
