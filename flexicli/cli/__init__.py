@@ -15,12 +15,12 @@ VERBS = {
     "convert": "Wrap a Hugging Face decoder with routers and adapters (base weights untouched).",
     "train": "Distil the routed model against the original model under a layer budget.",
     "eval": "Is the output preserved? Routed vs original model: numbers and a pass/fail verdict.",
+    "generate": "Generate text; --show-layers colours each token by the layers it used.",
+    "patterns": "Which tokens need depth: per-layer usage, per-category means, HTML report + dataset.",
     "push": "Push a checkpoint and its model card to the Hub in one commit.",
     "export": "Write a folder that stock transformers loads (trust_remote_code) and runs with skipping.",
     "import": "Import a checkpoint in the official FlexiDepth format as a flexicli checkpoint.",
     "bench": "Prefill and decode speed of the routed model against the original, in one run.",
-    "generate": "Generate text; --show-layers colours each token by the layers it used.",
-    "patterns": "Which tokens need depth: per-layer usage, per-category means, HTML report + dataset.",
 }
 
 
