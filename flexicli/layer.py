@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .families import LayerParts
+from .fastpath import partial_attention, plan_for
 
 # Block arguments that belong to the block, not to its self-attention (GPT-2's cross-attention inputs).
 _BLOCK_ONLY_ARGS = ("encoder_hidden_states", "encoder_attention_mask")
@@ -202,8 +203,6 @@ class FlexiLayer(nn.Module):
 
     def _fast_forward(self, h, z, w, run, call):
         """Inference: a skipped token computes only its K/V and the adapter (flexicli/fastpath.py)."""
-        from .fastpath import partial_attention, plan_for
-
         p, scale = self.parts, self.state.gate_mode == "scale"
         attn_out_norm, mlp_norm, post = (self._part(n) if n else _identity
                                          for n in (p.attn_out_norm, p.mlp_norm, p.mlp_out_norm))
