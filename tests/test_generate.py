@@ -230,9 +230,11 @@ def test_real_smollm2_decode_loop_and_recorded_decisions(smollm2):
     fresh = generate(lm, prompt, 8)
     assert [t.token_id for t in fresh.tokens] == [i for i in ref if i not in lm.stop_ids()][:len(fresh.tokens)]
     assert fresh.mean_layers_used == 30
-    # A fresh router's gates sit just above 0.95: this threshold makes tokens skip, differently per token.
-    g = generate(lm, prompt, 8, threshold=0.9524)
-    with fm.routing(threshold=0.9524):
+    # A fresh router's gates scatter narrowly around sigmoid(init bias): that threshold makes tokens skip, differently
+    # per token.
+    tau = torch.sigmoid(torch.tensor(fm.config.router_init_bias)).item()
+    g = generate(lm, prompt, 8, threshold=tau)
+    with fm.routing(threshold=tau):
         skips = recorded_skips(fm, prompt + [t.token_id for t in g.tokens])
     assert [t.skipped_layers for t in g.tokens] == skips[len(prompt):]
     assert 15 <= min(t.layers_used for t in g.tokens) < 30 and len({t.layers_used for t in g.tokens}) >= 2
