@@ -9,7 +9,7 @@ gloo on CPU). With one process and no launcher everything here is a no-op, so `t
 Data parallel: each optimiser step's global batch (`batch_size` rows per micro-batch, picked by `batch_at`) is cut into
 `world_size` contiguous equal shards, rank r takes shard r. Each rank's loss is a mean over its own tokens, so the mean
 of the ranks' gradients is the gradient one process computes on the whole batch; the same holds for the skipped-layers
-measurement the budget controller reads, which is averaged too, so every rank holds the same lambda.
+measurement the budget threshold reads, which is averaged too, so every rank holds the same threshold.
 
 Why an all-reduce of the flattened trainable gradients and not `DistributedDataParallel`: DDP's reducer fires from hooks
 armed by `DDP.forward`, but a training step calls the decoder (twice: teacher and student) and the output head
@@ -111,6 +111,15 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.on_cuda else "cpu")
         torch.distributed.all_reduce(t)
         return (t / self.world_size).tolist()
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's equal-shaped tensor, concatenated (the budget threshold is a quantile of the global batch)."""
+        if self.world_size == 1:
+            return t
+        x = t.to(self.device) if self.on_cuda else t.cpu()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, x)
+        return torch.cat(parts).to(t.device)
 
     def global_stats(self, stats: list[dict]) -> list[dict]:
         """train_step's per-micro-batch numbers (loss, agreement, skipped layers) averaged over ranks."""
@@ -215,6 +224,9 @@ def shard_base(fm, ctx: DistContext) -> None:
     from .train import decoder_of
 
     model, parts = fm.model, LayerParts.from_dict(fm.config.parts)
+    # the inference fast path calls the attention's projections directly, around the module hooks that all-gather
+    # their shards: held-out evaluation during sharded training takes the reference path
+    fm.state.fast_path = False
     device = torch.device(ctx.device or "cpu")
     mesh = init_device_mesh(device.type, (ctx.world_size,))
     for layer in _get(model, parts.layers):

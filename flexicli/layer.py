@@ -22,6 +22,7 @@ reference path.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,15 @@ _BLOCK_ONLY_ARGS = ("encoder_hidden_states", "encoder_attention_mask")
 
 def _identity(x):
     return x
+
+
+def _centred(w: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The gate as the straight-through estimator sees it: sigmoid of the logit's distance to the threshold, so
+    the gradient a token gets for crossing it does not fade when training moves the threshold away from 0.5."""
+    if threshold == 0.5:
+        return w
+    t = min(max(threshold, 1e-7), 1 - 1e-7)
+    return torch.sigmoid(torch.logit(w, eps=1e-7) - math.log(t / (1 - t)))
 
 
 class RMSNorm(nn.Module):
@@ -71,21 +81,25 @@ class Router(nn.Module):
         return torch.sigmoid(logit.float() + self.bias.float())
 
     def infer(self, z: torch.Tensor) -> torch.Tensor:
-        """forward's value (to rounding) in fewer ops, for inference where the router runs every decode step
-        of every routed layer: head(dec(.)) is one vector (no nonlinearity between them), the norm one op."""
+        """forward's value (to rounding) in five ops, for inference, where the router runs at every decode step of
+        every routed layer: head(dec(.)) is one vector (no nonlinearity between them) that takes the bias along."""
+        w = self.dec.weight
         try:
-            key = tuple((t.data_ptr(), t._version) for t in (self.head.weight, self.dec.weight))
+            key = (w.data_ptr(), w._version, self.head.weight._version, self.bias._version)
         except RuntimeError:  # weights made under torch.inference_mode have no version counter (nor updates)
-            key = (self.head.weight.data_ptr(), self.dec.weight.data_ptr())
-        if getattr(self, "_folded", (None,))[0] != key:
-            folded = (self.head.weight.float() @ self.dec.weight.float()).to(self.dec.weight.dtype)
-            self._folded = (key, folded)
+            key = (w.data_ptr(),)
+        folded = getattr(self, "_folded", None)
+        if folded is None or folded[0] != key:
+            vec = (self.head.weight.float() @ w.float()).to(w.dtype)
+            folded = self._folded = (key, vec, self.bias.detach().reshape(1).to(w.dtype))
+        f32 = z.dtype == torch.float32
         e = nn.functional.linear(z, self.enc.weight)
-        f32 = e.dtype == torch.float32  # skip no-op casts: each is a dispatch on every decode step
-        n = nn.functional.rms_norm(e if f32 else e.float(), (e.shape[-1],), eps=self.norm.eps)
-        n = (n if f32 else n.to(e.dtype)) * self.norm.weight
-        logit = nn.functional.linear(torch.tanh(n), self._folded[1]).squeeze(-1)
-        return torch.sigmoid((logit if f32 else logit.float()) + (self.bias if f32 else self.bias.float()))
+        if f32:  # one fused op; other dtypes normalise in float32 as forward does
+            n = nn.functional.rms_norm(e, (e.shape[-1],), self.norm.weight, eps=self.norm.eps)
+        else:
+            n = nn.functional.rms_norm(e.float(), (e.shape[-1],), eps=self.norm.eps).to(e.dtype) * self.norm.weight
+        logit = nn.functional.linear(torch.tanh(n), folded[1], folded[2])
+        return torch.sigmoid(logit.squeeze(-1) if f32 else logit.squeeze(-1).float())
 
 
 class Adapter(nn.Module):
@@ -195,7 +209,8 @@ class FlexiLayer(nn.Module):
         soft = torch.is_grad_enabled()
         gate = run.to(a.dtype)
         if soft and state.gate_mode == "ste":
-            gate = gate + (w - w.detach()).to(a.dtype)
+            g = _centred(w, state.threshold)
+            gate = gate + (g - g.detach()).to(a.dtype)
         h = hidden_states + gate.unsqueeze(-1) * a
 
         x = mlp_norm(h) if mlp_norm is not None else h

@@ -3,7 +3,7 @@
     flexi train --skip-target 4                    # embedded SmolLM2 checkpoint in ./flexi-model
     flexi train --recipe smollm2-135m-cpu --skip-target 8
 
-Top to bottom: setup (model, data, optimiser, controller, resume) -> loop -> held-out evaluation -> save.
+Top to bottom: setup (model, data, optimiser, budget threshold, resume) -> loop -> held-out evaluation -> save.
 Only router and adapter parameters train; the teacher is the same model with routing off, so no second copy of the
 weights is held. Checkpoints are written atomically; a resumed run sees the same data order as an unbroken one.
 """
@@ -23,7 +23,7 @@ import torch
 
 from . import distributed
 from .errors import BadInput
-from .objectives import BudgetController, distill_loss, gate_stats, lm_loss, logits_fn
+from .objectives import BudgetThreshold, distill_loss, gate_logits, gate_stats, lm_loss, logits_fn
 from .teacher import cache_bytes
 
 TRAIN_STATE = "train_state.safetensors"
@@ -45,7 +45,8 @@ class TrainConfig:
     data: str = "selfgen"  # selfgen | prompts | PATH (.jsonl/.txt) | Hub dataset id
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
-    ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
+    router_init: str = "influence"  # influence: fit routers to token-level layer influence first (router_init.py) | none
+    ramp: float = 0.3  # share of the steps over which the target ramps up from 0 (routers not warm-started only)
     eval_every: int = 50
     eval_rows: int = 8
     save_every: int = 50
@@ -70,6 +71,13 @@ class TrainConfig:
                 raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
         if self.objective not in ("kl", "lm"):
             raise BadInput(f"objective must be 'kl' or 'lm', not {self.objective!r}")
+        if self.router_init not in ("influence", "none"):
+            raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
+
+    @property
+    def warm_start(self) -> bool:
+        """Routers are fitted before training (distillation only: FlexiDepth's objective starts from scratch)."""
+        return self.router_init == "influence" and self.objective == "kl"
 
 
 def recipes_dir() -> Path:
@@ -136,7 +144,7 @@ def decoder_of(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
-def train_step(fm, batch, cfg: TrainConfig, target: float, lam: float, head, cached=None) -> dict:
+def train_step(fm, batch, cfg: TrainConfig, head, cached=None) -> dict:
     """One micro-batch: forward, loss, backward. `cached`: (hidden entering the first routed layer, teacher's final
     hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed."""
     from .teacher import start_at_first_routed
@@ -154,91 +162,67 @@ def train_step(fm, batch, cfg: TrainConfig, target: float, lam: float, head, cac
         with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
             student_h = decoder(input_ids=batch).last_hidden_state
         skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
+        logits = gate_logits(fm.state.gates)
     finally:
         fm.state.gates = None
     if cfg.objective == "kl":
         main, agree = distill_loss(student_h, teacher_h, head)
-        budget = lam * (target - skipped_st.mean())
+        budget = 0.0  # the threshold keeps the count (BudgetThreshold); the loss decides which tokens skip
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         budget = cfg.alpha * gate_sum.pow(2).mean()
     ((main + budget) / cfg.grad_accum).backward()
     return {"loss": main.item(), "agree": agree.item(), "skipped": skipped_st.mean().item(),
-            "layer_skip": layer_skip.detach().cpu()}
+            "layer_skip": layer_skip.detach().cpu(), "logits": logits}
 
 
-# ---- held-out evaluation ------------------------------------------------------------------------------------
-@torch.no_grad()
+# ---- held-out evaluation (flexicli/evaluate.py's metrics: one implementation for train and eval) -----------
 def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
     """KL(original || routed), top-1 agreement, mean skipped layers and per-layer skip rate on held-out rows."""
-    decoder, head = decoder_of(fm.model), logits_fn(fm.model)
-    device = next(fm.model.parameters()).device
-    kl = agree = 0.0
-    with fm.record() as rec:
-        for i in range(0, rows.shape[0], batch_size):
-            b = rows[i:i + batch_size].to(device)
-            with fm.routing("full"):
-                t = decoder(input_ids=b).last_hidden_state
-            with fm.routing("routed"):
-                s = decoder(input_ids=b).last_hidden_state
-            k, a = distill_loss(s, t, head)
-            kl, agree = kl + k.item() * b.shape[0], agree + a.item() * b.shape[0]
-    ran = torch.cat([d.reshape(-1, d.shape[-1]) for d in _per_forward(rec)], dim=0).float()
-    per_layer = (1 - ran.mean(0)).tolist()
-    return {"kl": kl / rows.shape[0], "top1_agreement": agree / rows.shape[0],
-            "mean_skipped_layers": float((1 - ran).sum(-1).mean()),
-            "per_layer_skip_rate": {str(layer): round(r, 4) for layer, r in zip(fm.config.routed_layers, per_layer)}}
+    from .evaluate import compare_teacher_forced
 
-
-def _per_forward(rec):
-    n = len(rec.routed_layers)
-    return [torch.stack([m for _, m in rec.raw[i:i + n]], dim=-1) for i in range(0, len(rec.raw), n)]
-
-
-def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 10) -> float:
-    """Bisect the threshold so that held-out mean skipped layers == target (more threshold = more skipping)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        with fm.routing(threshold=mid):
-            skipped = heldout_metrics(fm, rows)["mean_skipped_layers"]
-        lo, hi = (mid, hi) if skipped < target else (lo, mid)
-    return (lo + hi) / 2
+    return compare_teacher_forced(fm, rows.tolist(), {"mode": "routed"}, batch_size)
 
 
 @torch.no_grad()
-def greedy_agreement(fm, prompts: list[str], max_new_tokens: int = 32) -> dict:
-    """Share of held-out prompts whose greedy continuation is identical, and mean first-divergence position."""
-    from .data import chat_text
+def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean routed layers skipped per token (routed pass only: what threshold calibration needs)."""
+    device = next(fm.model.parameters()).device
+    skipped = 0.0
+    for i in range(0, rows.shape[0], batch_size):
+        with fm.routing("routed"), fm.record() as rec:
+            fm.model(input_ids=rows[i:i + batch_size].to(device), use_cache=False, logits_to_keep=1)
+        skipped += (~rec.decisions()).float().sum().item()
+    return skipped / rows.numel()
 
-    tok, device = fm.tokenizer, next(fm.model.parameters()).device
-    same, first = 0, []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for p in prompts:
-        ids = tok(chat_text(tok, [{"role": "user", "content": p}], add_generation_prompt=True),
-                  return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        outs = []
-        for mode in ("full", "routed"):
-            with fm.routing(mode):
-                outs.append(fm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                              pad_token_id=pad)[0, ids.shape[1]:])
-        a, b = outs
-        n = min(len(a), len(b))
-        diff = (a[:n] != b[:n]).nonzero()
-        pos = int(diff[0]) if len(diff) else n
-        same += int(pos == n and len(a) == len(b))
-        first.append(pos)
-    return {"greedy_match": same / len(prompts), "first_divergence": sum(first) / len(first)}
+
+def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16) -> float:
+    """Bisect the threshold so that held-out mean skipped layers == target (more threshold = more skipping). In logit
+    space: trained thresholds can sit close to 0 or 1, where bisecting w itself runs out of resolution."""
+    lo, hi = -16.0, 16.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        with fm.routing(threshold=1 / (1 + math.exp(-mid))):
+            skipped = mean_skipped(fm, rows)
+        lo, hi = (mid, hi) if skipped < target else (lo, mid)
+    return 1 / (1 + math.exp(-(lo + hi) / 2))
+
+
+def greedy_agreement(fm, prompts: list[str], new_tokens: int = 32) -> dict:
+    """Share of held-out prompts whose greedy continuation is identical, and mean first-divergence position."""
+    from .evaluate import _ids, compare_greedy
+
+    return compare_greedy(fm, [_ids(fm, p, chat=True) for p in prompts], new_tokens, {"mode": "routed"}, 8)
 
 
 # ---- saving -------------------------------------------------------------------------------------------------
-def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, controller, summary: dict | None) -> None:
+def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, summary: dict | None) -> None:
     from safetensors.torch import save_file
 
     from .card import render_card
     from .checkpoint import write_checkpoint
 
-    flat, scalars = {}, {"step": step, "controller": controller.state(), "train_config": asdict(cfg)}
+    flat, scalars = {}, {"step": step, "budget": budget.state(), "train_config": asdict(cfg)}
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             flat[f"{i}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(float(v))
@@ -254,7 +238,7 @@ def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, controller
                      extra_files=extra, writer=write_state)
 
 
-def load_training(folder: Path, opt, controller) -> tuple[int, dict]:
+def load_training(folder: Path, opt, budget) -> tuple[int, dict]:
     from safetensors import safe_open
 
     path = folder / TRAIN_STATE
@@ -266,7 +250,7 @@ def load_training(folder: Path, opt, controller) -> tuple[int, dict]:
         i, name = key.split(".", 1)
         sd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(sd)
-    controller.load(scalars["controller"])
+    budget.load(scalars["budget"])
     return scalars["step"], scalars["train_config"]
 
 
@@ -302,13 +286,17 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
     opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
                             lr=cfg.lr, weight_decay=0.0)
-    controller = BudgetController(len(fm.config.routed_layers))
+    # kl: the threshold follows the routers' logits so the budget holds (objectives.BudgetThreshold);
+    # lm (FlexiDepth): the threshold stays where it is and their penalty alpha * (sum of gates)^2 sets the count
+    budget = BudgetThreshold(len(fm.config.routed_layers), logit=math.log(fm.state.threshold / (1 - fm.state.threshold)))
     start = 0
     if resume:
         if folder is None or not (folder / TRAIN_STATE).is_file():
             raise BadInput(f"nothing to resume in {folder}: no {TRAIN_STATE}", "start without --resume")
-        start, saved_cfg = load_training(folder, opt, controller)
+        start, saved_cfg = load_training(folder, opt, budget)
         cfg = TrainConfig.from_dict({**saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
+        if cfg.objective == "kl":
+            fm.state.threshold = fm.config.threshold = budget.threshold
         log(f"resuming at step {start} of {cfg.steps}")
 
     if rows is None:
@@ -327,6 +315,18 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             task = bar.add_task("teacher", total=rows.shape[0], what="rows")
             cache = TeacherCache(fm, rows, progress=lambda done, total: bar.update(task, completed=done))
 
+    init_report, warm = None, cfg.warm_start and dist.world_size == 1  # distributed: not yet, the ramp instead
+    if warm and start == 0:
+        from .router_init import warm_start_routers
+
+        with _progress(progress, "routers", "{task.fields[what]}") as bar:
+            task = bar.add_task("routers", total=len(fm.layers), what="fit to layer influence")
+            init_report = warm_start_routers(fm, rows, cfg.skip_target,
+                                             progress=lambda done, total: bar.update(task, completed=done))
+        fits = init_report["spearman"].values()
+        log(f"routers warm-started: rank correlation with layer influence {min(fits):.2f}..{max(fits):.2f}")
+    ramp_steps = 0 if warm else cfg.ramp * cfg.steps  # warm-started routers skip about N from the first step
+
     metrics_path = folder / METRICS if folder else None
     bar = _progress(progress)
     task = bar.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), skipped=0.0, tps=0.0)
@@ -335,25 +335,27 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     with bar:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            target = cfg.skip_target * min(1.0, (step + 1) / max(1, cfg.ramp * cfg.steps))
+            target = cfg.skip_target * min(1.0, (step + 1) / max(1, ramp_steps))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg) * g["scale"]
             stats = []
             for m in range(cfg.grad_accum):  # distributed: this rank's share of the global micro-batch
                 idx = dist.shard(batch_indices(rows.shape[0], cfg.seed, step * cfg.grad_accum + m, cfg.batch_size))
-                stats.append(train_step(fm, rows[idx], cfg, target, controller.lam, head,
-                                        cached=cache.lookup(idx, device) if cache else None))
+                stats.append(train_step(fm, rows[idx], cfg, head, cached=cache.lookup(idx, device) if cache else None))
             dist.average_gradients(params)  # distributed: gradients and metrics over the global batch
             stats = dist.global_stats(stats)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             skipped = sum(s["skipped"] for s in stats) / len(stats)
-            controller.update(target, skipped)
+            if cfg.objective == "kl":  # distributed: each micro-batch's quantile over all ranks' logits
+                observed = [budget.observe(dist.gather(s["logits"]), target) for s in stats]
+                budget.update(sum(observed) / len(observed))
+                fm.state.threshold = fm.config.threshold = budget.threshold
             tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
             rec = {"step": step + 1, "loss": sum(s["loss"] for s in stats) / len(stats),
                    "top1_agreement": sum(s["agree"] for s in stats) / len(stats), "mean_skipped_layers": skipped,
-                   "target": target, "lambda": controller.lam, "lr": lr_at(step, cfg),
+                   "target": target, "threshold": fm.state.threshold, "lr": lr_at(step, cfg),
                    "tokens_per_s": tokens / (time.perf_counter() - t0)}
             if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 last_eval = heldout_metrics(fm, heldout[: cfg.eval_rows])
@@ -364,28 +366,28 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             bar.update(task, advance=1, loss=rec["loss"], skipped=skipped, tps=rec["tokens_per_s"])
             done = step + 1
             if folder and (done % cfg.save_every == 0 or done == cfg.steps or done == stop_after):
-                dist.on_main(save_training, fm, folder, cfg, done, opt, controller, None)  # others wait
+                dist.on_main(save_training, fm, folder, cfg, done, opt, budget, None)  # others wait
             if stop_after is not None and done >= stop_after:
                 return {"stopped_at": done}
 
     for p in params:
         p.requires_grad_(False)
-    summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data}
+    summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data, "router_init": cfg.router_init}
     if heldout is not None:
         final = heldout_metrics(fm, heldout)
         summary["trained_threshold_skipped"] = final["mean_skipped_layers"]
         if cfg.calibrate and abs(final["mean_skipped_layers"] - cfg.skip_target) > 0.1:
-            # a subset keeps the ~10 bisection passes cheap; the final numbers below use all held-out rows
-            subset = heldout[: 2 * cfg.eval_rows]
-            fm.config.threshold = fm.state.threshold = calibrate_threshold(fm, subset, cfg.skip_target)
+            fm.config.threshold = fm.state.threshold = calibrate_threshold(fm, heldout, cfg.skip_target)
             final = heldout_metrics(fm, heldout)
         summary.update(final, threshold=fm.config.threshold)
         if fm.tokenizer is not None:
             from .data import heldout_prompts
 
             summary.update(greedy_agreement(fm, heldout_prompts(10)))
+    if init_report:
+        summary["router_fit"] = init_report
     if folder:
-        dist.on_main(save_training, fm, folder, cfg, cfg.steps, opt, controller, summary)
+        dist.on_main(save_training, fm, folder, cfg, cfg.steps, opt, budget, summary)
     return summary
 
 

@@ -120,7 +120,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     for m in (fm, fm2):
         for p in m.trainable_parameters():
             p.requires_grad_(True)
-        train_step(m, rows[:4], cfg(), 1.0, 0.1, logits_fn(m.model))
+        train_step(m, rows[:4], cfg(), logits_fn(m.model))
         grads.append([p.grad.clone() for p in m.trainable_parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
@@ -156,9 +156,32 @@ def test_teacher_cache_gives_the_same_step(family):
         for p in fm.trainable_parameters():
             p.grad = None
             p.requires_grad_(True)
-        out = train_step(fm, rows[idx], cfg(), 0.5, 0.1, logits_fn(fm.model), cached=cached)
+        out = train_step(fm, rows[idx], cfg(), logits_fn(fm.model), cached=cached)
         results.append((out["loss"], [p.grad.clone() for p in fm.trainable_parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert abs(loss_a - loss_b) < 1e-6 and loss_a > 0
     for a, b in zip(grads_a, grads_b):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_router_warm_start_ranks_tokens_and_sets_the_budget():
+    """After the warm start each router orders tokens like its layer's influence (1 - cos(h_in, h_out)), and the
+    routed model skips about the target number of layers before any training step."""
+    from flexicli.router_init import layer_influence, warm_start_routers
+    from flexicli.train import mean_skipped
+
+    fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
+    rows = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    with fm.routing(threshold=0.5):
+        assert mean_skipped(fm, rows) == 0.0  # fresh routers run everything
+    report = warm_start_routers(fm, rows, skip_target=0.75)
+    assert min(report["spearman"].values()) > 0.5, report  # random tiny model: influence depends on context too
+    assert abs(sum(report["target_skip_rate"].values()) - 0.75) < 0.05
+    zs, influence = layer_influence(fm, rows)
+    for i, layer in enumerate(fm.layers):
+        with torch.no_grad():
+            w = layer.router(zs[i])
+        ranks = torch.stack([w.argsort().argsort().float(), influence[:, i].argsort().argsort().float()])
+        assert torch.corrcoef(ranks)[0, 1] > 0.5, i
+    # layer 1 sees the student's changed input, so the count drifts a little from 0.75
+    assert abs(mean_skipped(fm, rows) - 0.75) < 0.3

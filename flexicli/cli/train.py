@@ -4,7 +4,7 @@ from .common import emit_json, json_option, model_option, stderr_console
 
 # Flags that map one to one onto TrainConfig fields; given flags override the recipe/config file.
 _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", "objective", "alpha", "eval_every",
-          "save_every", "gradient_checkpointing", "calibrate", "cache_teacher"]
+          "save_every", "gradient_checkpointing", "calibrate", "cache_teacher", "router_init"]
 
 
 @click.command("train", help="Distil the routed model against the original model under a layer budget.")
@@ -18,6 +18,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--lr", type=float, default=None, help="Peak learning rate, cosine schedule with warm-up (default 2e-3).")
 @click.option("--seed", type=int, default=None)
 @click.option("--objective", type=click.Choice(["kl", "lm"]), default=None, help="kl: distillation (default); lm: FlexiDepth's LM loss + alpha*(sum w)^2.")
+@click.option("--router-init", type=click.Choice(["influence", "none"]), default=None, help="influence: fit the routers to each layer's token-level influence before training (default); none: start from the fresh routers and ramp the target.")
 @click.option("--alpha", type=float, default=None, help="FlexiDepth penalty weight (objective lm).")
 @click.option("--eval-every", type=int, default=None)
 @click.option("--save-every", type=int, default=None)
@@ -60,7 +61,7 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     from rich.table import Table
 
     table = Table(title="flexi train: held-out", show_header=False)
-    for key in ("mean_skipped_layers", "kl", "top1_agreement", "greedy_match", "first_divergence", "threshold"):
+    for key in ("mean_skipped_layers", "kl", "top1_agreement", "greedy_match", "greedy_first_divergence", "threshold"):
         if key in summary:
             table.add_row(key, f"{summary[key]:.4f}")
     rates = summary.get("per_layer_skip_rate", {})

@@ -1,0 +1,90 @@
+"""Warm-start the routers from what the original model does, before distillation begins.
+
+A fresh router gives every token almost the same gate (exact at birth), so when the budget first bites, all of a
+layer's tokens cross the threshold together and the skip count jumps back and forth. Here each router is first
+fitted to rank tokens by how much its layer changes them: the token-level Block Influence
+
+    influence(token, layer) = 1 - cos(h_in, h_out)     (h: the residual stream around the layer, original model)
+
+pooled over all routed layers (so layers that change little get skipped more, tokens that change little get
+skipped more). The fit target is a logit that puts the pooled quantile `skip_target / routed layers` at the
+threshold: at step 0 the routed model already skips about N layers per token, the cheapest ones by this measure.
+Distillation then corrects the ranking; the controller keeps the count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def layer_influence(fm, rows: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Router inputs z per routed layer ([tokens, hidden] each) and influence [tokens, routed layers]."""
+    device = next(fm.model.parameters()).device
+    zs, scores = [[] for _ in fm.layers], [[] for _ in fm.layers]
+    handles = []
+    for i, layer in enumerate(fm.layers):
+        def grab(module, args, kwargs, out, i=i):
+            h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
+            h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
+            norm = module._part(module.parts.attn_norm)
+            zs[i].append((norm(h_in) if norm is not None else h_in).float().cpu())
+            scores[i].append((1 - nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)).cpu())
+        handles.append(layer.register_forward_hook(grab, with_kwargs=True))
+    try:
+        with fm.routing("full"):
+            for i in range(0, rows.shape[0], batch_size):
+                fm.model(input_ids=rows[i:i + batch_size].to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(z) for z in zs], torch.stack([torch.cat(s) for s in scores], dim=-1)
+
+
+def target_logits(influence: torch.Tensor, skip_target: float, spread: float = 1.0) -> torch.Tensor:
+    """Pooled rank -> normal quantile, shifted so that a share skip_target / L of (token, layer) pairs is below 0."""
+    flat = influence.flatten()
+    u = (flat.argsort().argsort().float() + 0.5) / flat.numel()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    share = min(max(skip_target / influence.shape[1], 1e-3), 1 - 1e-3)
+    return (spread * (normal.icdf(u) - normal.icdf(torch.tensor(share)))).view_as(influence)
+
+
+def fit_router(router: nn.Module, z: torch.Tensor, target: torch.Tensor, steps: int = 300, lr: float = 1e-2) -> float:
+    """Least squares of the router's logit on `target`; returns the Spearman correlation reached (a fit check)."""
+    ref = next(router.parameters())
+    z, target = z.to(ref.device, ref.dtype), target.to(ref.device)
+    params = list(router.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            w = router(z).clamp(1e-6, 1 - 1e-6)
+            loss = (torch.logit(w) - target).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for p, r in zip(params, was):
+        p.requires_grad_(r)
+    with torch.no_grad():
+        pred = router(z)
+    ranks = lambda x: x.argsort().argsort().float()  # noqa: E731
+    return float(torch.corrcoef(torch.stack([ranks(pred.cpu()), ranks(target.cpu())]))[0, 1])
+
+
+def warm_start_routers(fm, rows: torch.Tensor, skip_target: float, max_rows: int = 32, progress=None) -> dict:
+    """Fit every routed layer's router as described above on up to `max_rows` training rows. Returns per-layer
+    fit quality (Spearman) and the skip rates the targets ask for."""
+    zs, influence = layer_influence(fm, rows[:max_rows])
+    targets = target_logits(influence, skip_target)
+    fits = {}
+    for i, layer in enumerate(fm.layers):
+        fits[str(layer.layer_index)] = round(fit_router(layer.router, zs[i], targets[:, i]), 3)
+        if progress:
+            progress(i + 1, len(fm.layers))
+    asked = (targets < 0).float().mean(0).tolist()
+    return {"spearman": fits,
+            "target_skip_rate": {str(layer.layer_index): round(r, 3) for layer, r in zip(fm.layers, asked)}}
