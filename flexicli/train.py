@@ -323,8 +323,9 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             task = bar.add_task("routers", total=len(fm.layers), what="fit to layer influence")
             init_report = warm_start_routers(fm, rows, cfg.skip_target,
                                              progress=lambda done, total: bar.update(task, completed=done))
-        fits = init_report["spearman"].values()
-        log(f"routers warm-started: rank correlation with layer influence {min(fits):.2f}..{max(fits):.2f}")
+        fits = init_report["spearman_heldout"].values()
+        log(f"routers warm-started: rank correlation with layer influence {min(fits):.2f}..{max(fits):.2f} "
+            "(tokens not fitted on)")
     ramp_steps = 0 if warm else cfg.ramp * cfg.steps  # warm-started routers skip about N from the first step
 
     metrics_path = folder / METRICS if folder else None
