@@ -46,7 +46,7 @@ class TrainConfig:
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
     router_init: str = "influence"  # influence: fit routers to token-level layer influence first (router_init.py) | none
-    ramp: float = 0.3  # share of the steps over which the target ramps up from 0 (routers not warm-started only)
+    ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
     eval_every: int = 50
     eval_rows: int = 8
     save_every: int = 50
@@ -315,7 +315,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             task = bar.add_task("teacher", total=rows.shape[0], what="rows")
             cache = TeacherCache(fm, rows, progress=lambda done, total: bar.update(task, completed=done))
 
-    init_report, warm = None, cfg.warm_start and dist.world_size == 1  # distributed: not yet, the ramp instead
+    init_report, warm = None, cfg.warm_start and dist.world_size == 1  # distributed: not yet (fresh routers)
     if warm and start == 0:
         from .router_init import warm_start_routers
 
@@ -326,7 +326,9 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
         fits = init_report["spearman_heldout"].values()
         log(f"routers warm-started: rank correlation with layer influence {min(fits):.2f}..{max(fits):.2f} "
             "(tokens not fitted on)")
-    ramp_steps = 0 if warm else cfg.ramp * cfg.steps  # warm-started routers skip about N from the first step
+    # the target ramps up from 0, so the adapters grow while few tokens skip (measured: starting at N with warm-started
+    # routers ended at KL 1.86 for N = 8 on SmolLM2, against 0.86 for a ramped run); the warm start decides which first
+    ramp_steps = cfg.ramp * cfg.steps
 
     metrics_path = folder / METRICS if folder else None
     bar = _progress(progress)
