@@ -9,7 +9,7 @@ fitted to rank tokens by how much its layer changes them: the token-level Block 
 pooled over all routed layers (so layers that change little get skipped more, tokens that change little get
 skipped more). The fit target is a logit that puts the pooled quantile `skip_target / routed layers` at the
 threshold: at step 0 the routed model already skips about N layers per token, the cheapest ones by this measure.
-Distillation then corrects the ranking; the controller keeps the count.
+Distillation then corrects the ranking; the budget threshold (objectives.BudgetThreshold) keeps the count.
 """
 
 from __future__ import annotations
