@@ -39,13 +39,23 @@ def _identity(x):
     return x
 
 
+def threshold_logit(threshold: float) -> float:
+    """A gate threshold (on w = sigmoid(logit)) as a logit; 0 and 1 are clamped to finite values."""
+    t = min(max(threshold, 1e-7), 1 - 1e-7)
+    return math.log(t / (1 - t))
+
+
+def threshold_of(logit: float) -> float:
+    """The inverse of threshold_logit: the gate threshold for a logit."""
+    return 1.0 / (1.0 + math.exp(-logit))
+
+
 def _centred(w: torch.Tensor, threshold: float) -> torch.Tensor:
     """The gate as the straight-through estimator sees it: sigmoid of the logit's distance to the threshold, so
     the gradient a token gets for crossing it does not fade when training moves the threshold away from 0.5."""
     if threshold == 0.5:
         return w
-    t = min(max(threshold, 1e-7), 1 - 1e-7)
-    return torch.sigmoid(torch.logit(w, eps=1e-7) - math.log(t / (1 - t)))
+    return torch.sigmoid(torch.logit(w, eps=1e-7) - threshold_logit(threshold))
 
 
 class RMSNorm(nn.Module):

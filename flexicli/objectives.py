@@ -3,11 +3,11 @@ threshold that makes the mean number of skipped layers hit its target."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .layer import threshold_of
 
 
 def logits_fn(model):
@@ -89,7 +89,7 @@ class BudgetThreshold:
     @property
     def threshold(self) -> float:
         """The same threshold on the router's gate w = sigmoid(logit)."""
-        return 1.0 / (1.0 + math.exp(-self.logit))
+        return threshold_of(self.logit)
 
     def observe(self, logits: torch.Tensor, target: float) -> float:
         """The threshold this step's logits ask for (averaged over micro-batches and ranks by the caller)."""

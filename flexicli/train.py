@@ -23,6 +23,7 @@ import torch
 
 from . import distributed
 from .errors import BadInput
+from .layer import threshold_logit, threshold_of
 from .objectives import BudgetThreshold, distill_loss, gate_logits, gate_stats, lm_loss, logits_fn
 from .teacher import cache_bytes
 
@@ -202,10 +203,10 @@ def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16) 
     lo, hi = -16.0, 16.0
     for _ in range(iters):
         mid = (lo + hi) / 2
-        with fm.routing(threshold=1 / (1 + math.exp(-mid))):
+        with fm.routing(threshold=threshold_of(mid)):
             skipped = mean_skipped(fm, rows)
         lo, hi = (mid, hi) if skipped < target else (lo, mid)
-    return 1 / (1 + math.exp(-(lo + hi) / 2))
+    return threshold_of((lo + hi) / 2)
 
 
 def greedy_agreement(fm, prompts: list[str], new_tokens: int = 32) -> dict:
@@ -288,7 +289,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
                             lr=cfg.lr, weight_decay=0.0)
     # kl: the threshold follows the routers' logits so the budget holds (objectives.BudgetThreshold);
     # lm (FlexiDepth): the threshold stays where it is and their penalty alpha * (sum of gates)^2 sets the count
-    budget = BudgetThreshold(len(fm.config.routed_layers), logit=math.log(fm.state.threshold / (1 - fm.state.threshold)))
+    budget = BudgetThreshold(len(fm.config.routed_layers), logit=threshold_logit(fm.state.threshold))
     start = 0
     if resume:
         if folder is None or not (folder / TRAIN_STATE).is_file():
