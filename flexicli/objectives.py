@@ -1,5 +1,5 @@
 """What training optimises: distillation against the original model (ours) or FlexiDepth's LM objective, and the
-threshold that makes the mean number of skipped layers hit its target."""
+budget that makes the mean number of skipped layers hit its target (a PI-controlled penalty, or a quantile threshold)."""
 
 from __future__ import annotations
 
@@ -73,15 +73,54 @@ def gate_logits(gates) -> torch.Tensor:
     return torch.logit(w, eps=1e-7).flatten()
 
 
+class BudgetPenalty:
+    """A Lagrange multiplier on `mean skipped layers == target`, updated by a PI rule after every optimiser step.
+
+    The loss gets `lam * (target - skipped)`: while too few layers are skipped lam grows and pushes the routers to
+    skip more; when too many are, it turns negative and pushes back. The threshold stays put, so the routers
+    themselves learn where the budget lies; calibration after training removes the last few tenths of a layer.
+    Measured on SmolLM2 (100 steps): better held-out agreement than BudgetThreshold at the same budget (README)."""
+
+    kind = "penalty"
+
+    def __init__(self, num_routed: int, logit: float = 0.0, ki: float = 0.1, kp: float = 0.5, limit: float = 1.0):
+        self.num_routed, self.logit, self.ki, self.kp, self.limit = num_routed, logit, ki, kp, limit
+        self.integral = self.lam = 0.0
+
+    @property
+    def threshold(self) -> float:
+        return threshold_of(self.logit)
+
+    def loss(self, target: float, skipped_st: torch.Tensor) -> torch.Tensor:
+        return self.lam * (target - skipped_st.mean())
+
+    def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
+        err = (target - skipped) / self.num_routed
+        # anti-windup: while the routers are still far from the threshold the integral would grow without bound and
+        # then throw every token across it at once; clamping it keeps the approach gradual
+        self.integral = max(-self.limit, min(self.limit, self.integral + self.ki * err))
+        self.lam = self.integral + self.kp * err
+
+    def log(self) -> dict:
+        return {"lambda": self.lam}
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "integral": self.integral, "lam": self.lam, "logit": self.logit}
+
+    def load(self, d: dict) -> None:
+        self.integral, self.lam, self.logit = d["integral"], d["lam"], d["logit"]
+
+
 class BudgetThreshold:
     """The routing threshold, in logit space, that makes the mean number of skipped layers equal the target.
 
     After every step it is set to the quantile of that step's router logits, pooled over tokens and routed layers,
     below which a share target / routed layers of them lies: a token skips a layer iff its logit is below it, so the
-    budget is met by construction (to a step's lag, while the routers move slowly) and not by a feedback loop. A
-    Lagrange multiplier on the skip count acts through the optimiser instead; with Adam's normalised steps that loop
-    overshoots and the count swings by several layers (measured: 1 -> 6 -> 3 within 20 steps). Here the loss only
-    decides which tokens skip (distillation pushes up the tokens whose layer matters), the threshold how many."""
+    budget is met by construction (to a step's lag, while the routers move slowly) and not by a feedback loop. The
+    loss only decides which tokens skip, the threshold how many. Measured on SmolLM2 (100 steps): the count is exact,
+    but held-out agreement is lower than with BudgetPenalty (README), so it is the option, not the default."""
+
+    kind = "threshold"
 
     def __init__(self, num_routed: int, logit: float = 0.0, momentum: float = 0.5):
         self.num_routed, self.logit, self.momentum = num_routed, logit, momentum
@@ -91,19 +130,28 @@ class BudgetThreshold:
         """The same threshold on the router's gate w = sigmoid(logit)."""
         return threshold_of(self.logit)
 
+    def loss(self, target: float, skipped_st: torch.Tensor) -> float:
+        return 0.0
+
     def observe(self, logits: torch.Tensor, target: float) -> float:
-        """The threshold this step's logits ask for (averaged over micro-batches and ranks by the caller)."""
+        """The threshold one micro-batch's logits (all ranks' together) ask for."""
         share = min(max(target / self.num_routed, 0.0), 1.0)
         if share <= 0.0:
             return float(logits.min()) - 1.0
         return float(torch.quantile(logits[:2**24].float(), share))
 
-    def update(self, observed: float) -> float:
+    def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
+        observed = sum(self.observe(x, target) for x in logits) / len(logits)
         self.logit = self.momentum * self.logit + (1 - self.momentum) * observed
-        return self.logit
+
+    def log(self) -> dict:
+        return {}
 
     def state(self) -> dict:
-        return {"logit": self.logit}
+        return {"kind": self.kind, "logit": self.logit}
 
     def load(self, d: dict) -> None:
         self.logit = d["logit"]
+
+
+BUDGETS = {b.kind: b for b in (BudgetPenalty, BudgetThreshold)}

@@ -24,7 +24,7 @@ import torch
 from . import distributed
 from .errors import BadInput
 from .layer import threshold_logit, threshold_of
-from .objectives import BudgetThreshold, distill_loss, gate_logits, gate_stats, lm_loss, logits_fn
+from .objectives import BUDGETS, distill_loss, gate_logits, gate_stats, lm_loss, logits_fn
 from .teacher import cache_bytes
 
 TRAIN_STATE = "train_state.safetensors"
@@ -46,7 +46,8 @@ class TrainConfig:
     data: str = "selfgen"  # selfgen | prompts | PATH (.jsonl/.txt) | Hub dataset id
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
-    router_init: str = "influence"  # influence: fit routers to token-level layer influence first (router_init.py) | none
+    budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile
+    router_init: str = "none"  # none: fresh routers | influence: fit them to token-level layer influence (router_init.py)
     ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
     eval_every: int = 50
     eval_rows: int = 8
@@ -72,6 +73,8 @@ class TrainConfig:
                 raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
         if self.objective not in ("kl", "lm"):
             raise BadInput(f"objective must be 'kl' or 'lm', not {self.objective!r}")
+        if self.budget not in BUDGETS:
+            raise BadInput(f"budget must be one of {sorted(BUDGETS)}, not {self.budget!r}")
         if self.router_init not in ("influence", "none"):
             raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
 
@@ -145,7 +148,7 @@ def decoder_of(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
-def train_step(fm, batch, cfg: TrainConfig, head, cached=None) -> dict:
+def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
     """One micro-batch: forward, loss, backward. `cached`: (hidden entering the first routed layer, teacher's final
     hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed."""
     from .teacher import start_at_first_routed
@@ -168,11 +171,11 @@ def train_step(fm, batch, cfg: TrainConfig, head, cached=None) -> dict:
         fm.state.gates = None
     if cfg.objective == "kl":
         main, agree = distill_loss(student_h, teacher_h, head)
-        budget = 0.0  # the threshold keeps the count (BudgetThreshold); the loss decides which tokens skip
+        extra = budget.loss(target, skipped_st)
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
-        budget = cfg.alpha * gate_sum.pow(2).mean()
-    ((main + budget) / cfg.grad_accum).backward()
+        extra = cfg.alpha * gate_sum.pow(2).mean()
+    ((main + extra) / cfg.grad_accum).backward()
     return {"loss": main.item(), "agree": agree.item(), "skipped": skipped_st.mean().item(),
             "layer_skip": layer_skip.detach().cpu(), "logits": logits}
 
@@ -186,25 +189,33 @@ def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
 
 
 @torch.no_grad()
-def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean routed layers skipped per token (routed pass only: what threshold calibration needs)."""
-    device = next(fm.model.parameters()).device
+def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8, prefix: torch.Tensor | None = None) -> float:
+    """Mean routed layers skipped per token (routed pass only: what threshold calibration needs). `prefix`: the
+    hidden states entering the first routed layer (TeacherCache.prefix), so the layers before it are not rerun."""
+    from .teacher import start_at_first_routed
+
+    decoder, device = decoder_of(fm.model), next(fm.model.parameters()).device
     skipped = 0.0
     for i in range(0, rows.shape[0], batch_size):
-        with fm.routing("routed"), fm.record() as rec:
-            fm.model(input_ids=rows[i:i + batch_size].to(device), use_cache=False, logits_to_keep=1)
+        start = start_at_first_routed(fm, prefix[i:i + batch_size].to(device)) if prefix is not None else nullcontext()
+        with fm.routing("routed"), fm.record() as rec, start:
+            decoder(input_ids=rows[i:i + batch_size].to(device))
         skipped += (~rec.decisions()).float().sum().item()
     return skipped / rows.numel()
 
 
 def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16) -> float:
     """Bisect the threshold so that held-out mean skipped layers == target (more threshold = more skipping). In logit
-    space: trained thresholds can sit close to 0 or 1, where bisecting w itself runs out of resolution."""
+    space: trained thresholds can sit close to 0 or 1, where bisecting w itself runs out of resolution. The unrouted
+    layers before the first routed one run once, not once per iteration."""
+    from .teacher import TeacherCache
+
+    prefix = TeacherCache(fm, rows).prefix
     lo, hi = -16.0, 16.0
     for _ in range(iters):
         mid = (lo + hi) / 2
         with fm.routing(threshold=threshold_of(mid)):
-            skipped = mean_skipped(fm, rows)
+            skipped = mean_skipped(fm, rows, prefix=prefix)
         lo, hi = (mid, hi) if skipped < target else (lo, mid)
     return threshold_of((lo + hi) / 2)
 
@@ -239,7 +250,8 @@ def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, su
                      extra_files=extra, writer=write_state)
 
 
-def load_training(folder: Path, opt, budget) -> tuple[int, dict]:
+def load_training(folder: Path, opt) -> tuple[int, dict, dict]:
+    """Restore the optimiser; returns (steps done, the run's TrainConfig as a dict, the budget's state)."""
     from safetensors import safe_open
 
     path = folder / TRAIN_STATE
@@ -251,8 +263,7 @@ def load_training(folder: Path, opt, budget) -> tuple[int, dict]:
         i, name = key.split(".", 1)
         sd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(sd)
-    budget.load(scalars["budget"])
-    return scalars["step"], scalars["train_config"]
+    return scalars["step"], scalars["train_config"], scalars["budget"]
 
 
 def _command() -> str:
@@ -287,18 +298,20 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
     opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
                             lr=cfg.lr, weight_decay=0.0)
-    # kl: the threshold follows the routers' logits so the budget holds (objectives.BudgetThreshold);
-    # lm (FlexiDepth): the threshold stays where it is and their penalty alpha * (sum of gates)^2 sets the count
-    budget = BudgetThreshold(len(fm.config.routed_layers), logit=threshold_logit(fm.state.threshold))
-    start = 0
+    start, budget_state = 0, None
     if resume:
         if folder is None or not (folder / TRAIN_STATE).is_file():
             raise BadInput(f"nothing to resume in {folder}: no {TRAIN_STATE}", "start without --resume")
-        start, saved_cfg = load_training(folder, opt, budget)
+        start, saved_cfg, budget_state = load_training(folder, opt)
         cfg = TrainConfig.from_dict({**saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
+        log(f"resuming at step {start} of {cfg.steps}")
+    # kl: the budget (objectives.BUDGETS) keeps the mean skipped count at the target; lm (FlexiDepth): the threshold
+    # stays where it is and their penalty alpha * (sum of gates)^2 sets the count
+    budget = BUDGETS[cfg.budget](len(fm.config.routed_layers), logit=threshold_logit(fm.state.threshold))
+    if budget_state is not None:
+        budget.load(budget_state)
         if cfg.objective == "kl":
             fm.state.threshold = fm.config.threshold = budget.threshold
-        log(f"resuming at step {start} of {cfg.steps}")
 
     if rows is None:
         log("preparing data (the original model answers the built-in prompts once; cached afterwards)")
@@ -327,8 +340,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
         fits = init_report["spearman_heldout"].values()
         log(f"routers warm-started: rank correlation with layer influence {min(fits):.2f}..{max(fits):.2f} "
             "(tokens not fitted on)")
-    # the target ramps up from 0, so the adapters grow while few tokens skip (measured: starting at N with warm-started
-    # routers ended at KL 1.86 for N = 8 on SmolLM2, against 0.86 for a ramped run); the warm start decides which first
+    # the target ramps up from 0, so the adapters learn while few tokens skip
     ramp_steps = cfg.ramp * cfg.steps
 
     metrics_path = folder / METRICS if folder else None
@@ -345,21 +357,21 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             stats = []
             for m in range(cfg.grad_accum):  # distributed: this rank's share of the global micro-batch
                 idx = dist.shard(batch_indices(rows.shape[0], cfg.seed, step * cfg.grad_accum + m, cfg.batch_size))
-                stats.append(train_step(fm, rows[idx], cfg, head, cached=cache.lookup(idx, device) if cache else None))
+                stats.append(train_step(fm, rows[idx], cfg, head, target, budget,
+                                        cached=cache.lookup(idx, device) if cache else None))
             dist.average_gradients(params)  # distributed: gradients and metrics over the global batch
             stats = dist.global_stats(stats)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             skipped = sum(s["skipped"] for s in stats) / len(stats)
-            if cfg.objective == "kl":  # distributed: each micro-batch's quantile over all ranks' logits
-                observed = [budget.observe(dist.gather(s["logits"]), target) for s in stats]
-                budget.update(sum(observed) / len(observed))
+            if cfg.objective == "kl":  # distributed: each micro-batch's logits over all ranks
+                budget.after_step(target, skipped, [dist.gather(s["logits"]) for s in stats])
                 fm.state.threshold = fm.config.threshold = budget.threshold
             tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
             rec = {"step": step + 1, "loss": sum(s["loss"] for s in stats) / len(stats),
                    "top1_agreement": sum(s["agree"] for s in stats) / len(stats), "mean_skipped_layers": skipped,
-                   "target": target, "threshold": fm.state.threshold, "lr": lr_at(step, cfg),
+                   "target": target, "threshold": fm.state.threshold, **budget.log(), "lr": lr_at(step, cfg),
                    "tokens_per_s": tokens / (time.perf_counter() - t0)}
             if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 last_eval = heldout_metrics(fm, heldout[: cfg.eval_rows])
@@ -376,7 +388,8 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
 
     for p in params:
         p.requires_grad_(False)
-    summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data, "router_init": cfg.router_init}
+    summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data, "budget": cfg.budget,
+               "router_init": cfg.router_init}
     if heldout is not None:
         final = heldout_metrics(fm, heldout)
         summary["trained_threshold_skipped"] = final["mean_skipped_layers"]

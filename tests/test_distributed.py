@@ -36,20 +36,24 @@ def data():
     return torch.randint(3, 128, (16, 32), generator=g), torch.randint(3, 128, (4, 32), generator=g)
 
 
-def config():
+# each launch mode trains under one budget kind, so both kinds' cross-rank paths are covered by one launch
+BUDGET = {"ddp": "penalty", "fsdp": "threshold"}
+
+
+def config(budget: str):
     # grad_accum 2: accumulation and the cross-rank mean must compose; eval_every 3: held-out eval mid-run on all ranks
     return TrainConfig(skip_target=0.5, steps=STEPS, batch_size=4, grad_accum=2, seq_len=32, lr=1e-2, warmup=2,
-                       router_init="none",  # the warm start is single-process only
+                       budget=budget, router_init="none",  # the warm start is single-process only
                        eval_every=3, save_every=100, calibrate=False)
 
 
-def run(folder: Path):
+def run(folder: Path, budget: str):
     fm = make_model()
     rows, heldout = data()
     dist = distributed.current()
     folder.parent.mkdir(parents=True, exist_ok=True)
     dist.on_main(fm.save, folder)
-    return fm, train(fm, config(), folder=folder, rows=rows, heldout=heldout, progress=False, log=lambda m: None)
+    return fm, train(fm, config(budget), folder=folder, rows=rows, heldout=heldout, progress=False, log=lambda m: None)
 
 
 def read_metrics(folder: Path) -> list[dict]:
@@ -58,9 +62,12 @@ def read_metrics(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("one") / "ckpt"
-    fm, summary = run(folder)
-    return {k: v.clone() for k, v in fm.flexi_state_dict().items()}, summary, read_metrics(folder)
+    refs = {}
+    for mode, budget in BUDGET.items():
+        folder = tmp_path_factory.mktemp("one") / mode
+        fm, summary = run(folder, budget)
+        refs[mode] = {k: v.clone() for k, v in fm.flexi_state_dict().items()}, summary, read_metrics(folder)
+    return refs
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +90,9 @@ def test_two_processes_match_one(launched, reference, fsdp):
 
     from flexicli.checkpoint import read_weights
 
-    ref_weights, ref_summary, ref_metrics = reference
-    tmp_path = launched / ("fsdp" if fsdp else "ddp")
+    mode = "fsdp" if fsdp else "ddp"
+    ref_weights, ref_summary, ref_metrics = reference[mode]
+    tmp_path = launched / mode
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     saved = read_weights(tmp_path / "ckpt")
     for k, ref in ref_weights.items():
@@ -96,7 +104,10 @@ def test_two_processes_match_one(launched, reference, fsdp):
     metrics = read_metrics(tmp_path / "ckpt")
     assert len(metrics) == STEPS, "only rank 0 writes metrics.jsonl"
     for got, ref in zip(metrics, ref_metrics):
-        for key in ("loss", "mean_skipped_layers", "threshold", "top1_agreement"):
+        assert got.keys() == ref.keys()
+        for key in ("loss", "mean_skipped_layers", "threshold", "top1_agreement", "lambda"):
+            if key not in ref:  # lambda: the penalty budget only
+                continue
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), (got["step"], key)
     assert metrics[2]["heldout"]["kl"] == pytest.approx(ref_metrics[2]["heldout"]["kl"], rel=1e-4, abs=1e-6)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -154,7 +165,7 @@ if __name__ == "__main__":  # one rank under torchrun: data parallel, then FSDP 
     for mode in ("ddp", "fsdp"):
         dist.fsdp = mode == "fsdp"  # what FLEXI_FSDP=1 / ACCELERATE_USE_FSDP=true set at init
         out = Path(sys.argv[1]) / mode
-        fm, summary = run(out / "ckpt")
+        fm, summary = run(out / "ckpt", BUDGET[mode])
         save_file({k: v.contiguous() for k, v in fm.flexi_state_dict().items()}, out / f"rank{dist.rank}.safetensors")
         if dist.is_main:
             (out / "summary.json").write_text(json.dumps({**summary, "base_share_held": base_share_held(fm)}))

@@ -153,3 +153,7 @@ def test_router_inference_form_equals_forward():
         assert torch.allclose(r.infer(z), r(z), atol=1e-6)
         r.head.weight.mul_(-1)  # an in-place update (an optimizer step) must refresh the folded vector
         assert torch.allclose(r.infer(z), r(z), atol=1e-6)
+        r.norm.weight.uniform_(0.5, 2.0)  # and the folded norm gain
+        assert torch.allclose(r.infer(z), r(z), atol=1e-6)
+        rb, zb = copy.deepcopy(r).to(torch.bfloat16), z.to(torch.bfloat16)  # other dtypes: float32 norm, as forward
+        assert torch.allclose(rb.infer(zb), rb(zb), atol=2e-2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from flexicli.objectives import BudgetPenalty
 from flexicli.model import FlexiModel
 from flexicli.train import TrainConfig, batch_at, load_recipe, train
 
@@ -65,18 +66,20 @@ def test_distillation_loss_falls_at_fixed_skipping():
     assert after["kl"] < 0.7 * before, (before, after["kl"])
 
 
-def test_budget_is_hit():
+@pytest.mark.parametrize("budget,router_init", [("penalty", "none"), ("threshold", "influence")])
+def test_budget_is_hit(budget, router_init):
     fm, rows, heldout = setup()
-    summary = train(fm, cfg(steps=60, skip_target=1.0), rows=rows, heldout=heldout, progress=False, log=lambda m: None)
+    summary = train(fm, cfg(steps=60, skip_target=1.0, budget=budget, router_init=router_init), rows=rows, heldout=heldout, progress=False, log=lambda m: None)
     assert abs(summary["mean_skipped_layers"] - 1.0) <= 0.5, summary
 
 
-def test_resume_equals_unbroken_run(tmp_path):
+@pytest.mark.parametrize("budget", ["penalty", "threshold"])
+def test_resume_equals_unbroken_run(tmp_path, budget):
     fm_a, rows, heldout = setup(tmp_path / "a")
     fm_b = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
     fm_b.save(tmp_path / "b")
     fm_b.path = tmp_path / "b"
-    c = dict(steps=10, save_every=100)
+    c = dict(steps=10, save_every=100, budget=budget)
     train(fm_a, cfg(**c), rows=rows, heldout=None, progress=False, log=lambda m: None)
     train(fm_b, cfg(**c), rows=rows, heldout=None, progress=False, log=lambda m: None, stop_after=4)  # "killed"
     fm_c = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")  # as in a fresh process
@@ -120,7 +123,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     for m in (fm, fm2):
         for p in m.trainable_parameters():
             p.requires_grad_(True)
-        train_step(m, rows[:4], cfg(), logits_fn(m.model))
+        train_step(m, rows[:4], cfg(), logits_fn(m.model), 1.0, BudgetPenalty(2))
         grads.append([p.grad.clone() for p in m.trainable_parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
@@ -136,6 +139,21 @@ def test_threshold_calibration_hits_the_target():
     tau = calibrate_threshold(fm, rows, 1.0, iters=12)
     with fm.routing(threshold=tau):
         assert abs(heldout_metrics(fm, rows)["mean_skipped_layers"] - 1.0) < 0.1
+
+
+def test_mean_skipped_from_cached_prefix_equals_full_pass():
+    """Calibration starts each pass at the first routed layer from cached hidden states: same count as a full pass."""
+    from flexicli.teacher import TeacherCache
+    from flexicli.train import mean_skipped
+
+    fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[1], base_model="tiny")  # layer 0 runs before the routing
+    for layer in fm.layers:
+        torch.nn.init.normal_(layer.router.head.weight, std=2.0)
+        layer.router.bias.data.zero_()
+    rows = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(1))
+    full = mean_skipped(fm, rows, batch_size=4)
+    assert 0.1 < full < 0.9  # some tokens skip, some run: the count says something
+    assert mean_skipped(fm, rows, batch_size=4, prefix=TeacherCache(fm, rows).prefix) == full
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -156,7 +174,7 @@ def test_teacher_cache_gives_the_same_step(family):
         for p in fm.trainable_parameters():
             p.grad = None
             p.requires_grad_(True)
-        out = train_step(fm, rows[idx], cfg(), logits_fn(fm.model), cached=cached)
+        out = train_step(fm, rows[idx], cfg(), logits_fn(fm.model), 1.0, BudgetPenalty(2), cached=cached)
         results.append((out["loss"], [p.grad.clone() for p in fm.trainable_parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert abs(loss_a - loss_b) < 1e-6 and loss_a > 0

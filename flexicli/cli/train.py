@@ -4,7 +4,7 @@ from .common import emit_json, json_option, model_option, stderr_console
 
 # Flags that map one to one onto TrainConfig fields; given flags override the recipe/config file.
 _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", "objective", "alpha", "eval_every",
-          "save_every", "gradient_checkpointing", "calibrate", "cache_teacher", "router_init"]
+          "save_every", "gradient_checkpointing", "calibrate", "cache_teacher", "budget", "router_init"]
 
 
 @click.command("train", help="Distil the routed model against the original model under a layer budget.")
@@ -18,7 +18,8 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--lr", type=float, default=None, help="Peak learning rate, cosine schedule with warm-up (default 2e-3).")
 @click.option("--seed", type=int, default=None)
 @click.option("--objective", type=click.Choice(["kl", "lm"]), default=None, help="kl: distillation (default); lm: FlexiDepth's LM loss + alpha*(sum w)^2.")
-@click.option("--router-init", type=click.Choice(["influence", "none"]), default=None, help="influence: fit the routers to each layer's token-level influence before training (default); none: start from the fresh routers and ramp the target.")
+@click.option("--budget", type=click.Choice(["penalty", "threshold"]), default=None, help="How the skip target is met. penalty: a PI-controlled Lagrange term (default); threshold: the threshold follows the quantile of the router logits.")
+@click.option("--router-init", type=click.Choice(["none", "influence"]), default=None, help="none: start from the fresh routers (default); influence: first fit the routers to each layer's token-level influence.")
 @click.option("--alpha", type=float, default=None, help="FlexiDepth penalty weight (objective lm).")
 @click.option("--eval-every", type=int, default=None)
 @click.option("--save-every", type=int, default=None)
