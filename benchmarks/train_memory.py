@@ -7,6 +7,7 @@ Each side runs in its own fresh process (peak RSS from getrusage), on the embedd
   train:  3 training steps of flexicli (teacher cache for all rows, routed forward/backward, optimiser step)
   train-nocache: the same, recomputing the teacher each step (--no-cache-teacher: for data too big to cache)
   train-ckpt: train with --gradient-checkpointing (each routed layer recomputed in backward)
+  train-ckpt-nocache: both (the smallest footprint)
 """
 
 import argparse
@@ -31,7 +32,7 @@ else:
     fm = FlexiModel.wrap(model, tok, base_model=info.base_model)
     rows = torch.randint(100, 40000, (int(sys.argv[4]), t))  # as many rows as the real run (the cache grows with them)
     cfg = TrainConfig(skip_target=4, steps=3, batch_size=b, seq_len=t, calibrate=False, eval_every=100,
-                      cache_teacher=(mode != "train-nocache"), gradient_checkpointing=(mode == "train-ckpt"))
+                      cache_teacher=("nocache" not in mode), gradient_checkpointing=("ckpt" in mode))
     train(fm, cfg, rows=rows, heldout=None, progress=False, log=lambda m: None)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -51,7 +52,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     frozen = peak("frozen", a.batch_size, a.seq_len, a.rows)
     result = {"batch_size": a.batch_size, "seq_len": a.seq_len, "rows": a.rows, "frozen_peak_mb": round(frozen)}
-    for mode in ("train", "train-nocache", "train-ckpt"):
+    for mode in ("train", "train-nocache", "train-ckpt", "train-ckpt-nocache"):
         p = peak(mode, a.batch_size, a.seq_len, a.rows)
         result[f"{mode}_peak_mb"], result[f"{mode}_ratio"] = round(p), round(p / frozen, 3)
     print(json.dumps(result, indent=2))
