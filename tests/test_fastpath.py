@@ -155,5 +155,10 @@ def test_router_inference_form_equals_forward():
         assert torch.allclose(r.infer(z), r(z), atol=1e-6)
         r.norm.weight.uniform_(0.5, 2.0)  # and the folded norm gain
         assert torch.allclose(r.infer(z), r(z), atol=1e-6)
+        for i in range(7):  # one token (a CPU decode step) takes the numpy route
+            one = z[1:, i:i + 1]
+            assert r.infer(one).shape == (1, 1) and torch.allclose(r.infer(one), r(one), atol=1e-6)
+        r.bias.add_(3.0)
+        assert torch.allclose(r.infer(z[:1, :1]), r(z[:1, :1]), atol=1e-6)
         rb, zb = copy.deepcopy(r).to(torch.bfloat16), z.to(torch.bfloat16)  # other dtypes: float32 norm, as forward
         assert torch.allclose(rb.infer(zb), rb(zb), atol=2e-2)
