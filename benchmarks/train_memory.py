@@ -4,10 +4,11 @@
 
 Each side runs in its own fresh process (peak RSS from getrusage), on the embedded SmolLM2-135M in fp32:
   frozen: the original model's forward (HF, logits returned) under no_grad
-  train:  3 training steps of flexicli (teacher cache for all rows, routed forward/backward, optimiser step)
+  train:  3 training steps of flexicli with its defaults (teacher cache for all rows, gradient checkpointing: each
+          routed layer recomputed in backward; routed forward/backward, optimiser step)
   train-nocache: the same, recomputing the teacher each step (--no-cache-teacher: for data too big to cache)
-  train-ckpt: train with --gradient-checkpointing (each routed layer recomputed in backward)
-  train-ckpt-nocache: both (the smallest footprint)
+  train-nockpt: without gradient checkpointing (--no-gradient-checkpointing)
+  train-nockpt-nocache: neither
 """
 
 import argparse
@@ -32,7 +33,7 @@ else:
     fm = FlexiModel.wrap(model, tok, base_model=info.base_model)
     rows = torch.randint(100, 40000, (int(sys.argv[4]), t))  # as many rows as the real run (the cache grows with them)
     cfg = TrainConfig(skip_target=4, steps=3, batch_size=b, seq_len=t, calibrate=False, eval_every=100,
-                      cache_teacher=("nocache" not in mode), gradient_checkpointing=("ckpt" in mode))
+                      cache_teacher=("nocache" not in mode), gradient_checkpointing=("nockpt" not in mode))
     train(fm, cfg, rows=rows, heldout=None, progress=False, log=lambda m: None)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -52,7 +53,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     frozen = peak("frozen", a.batch_size, a.seq_len, a.rows)
     result = {"batch_size": a.batch_size, "seq_len": a.seq_len, "rows": a.rows, "frozen_peak_mb": round(frozen)}
-    for mode in ("train", "train-nocache", "train-ckpt", "train-ckpt-nocache"):
+    for mode in ("train", "train-nocache", "train-nockpt", "train-nockpt-nocache"):
         p = peak(mode, a.batch_size, a.seq_len, a.rows)
         result[f"{mode}_peak_mb"], result[f"{mode}_ratio"] = round(p), round(p / frozen, 3)
     print(json.dumps(result, indent=2))

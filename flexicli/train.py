@@ -52,7 +52,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_rows: int = 8
     save_every: int = 50
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # measured: peak RSS 1.13x the frozen model's, against 1.62x without
     calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
     selfgen_tokens: int = 96
     cache_teacher: bool = True  # keep teacher hidden states per row (if under 2 GiB): about half the work per step
@@ -304,8 +304,6 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     release_freed_memory()
     device = next(fm.model.parameters()).device
     head = logits_fn(fm.model)
-    if cfg.gradient_checkpointing:
-        fm.state.checkpointing = True
 
     params = fm.trainable_parameters()
     for p in params:
@@ -328,6 +326,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
         budget.load(budget_state)
         if cfg.objective == "kl":
             fm.state.threshold = fm.config.threshold = budget.threshold
+    fm.state.checkpointing = cfg.gradient_checkpointing
 
     if rows is None:
         log("preparing data (the original model answers the built-in prompts once; cached afterwards)")
