@@ -95,9 +95,9 @@ class Router(nn.Module):
         """forward's value (to rounding) in few ops, for inference, where the router runs at every decode step of
         every routed layer: head(dec(.)) is one vector (no nonlinearity between them) that takes the bias along, and
         the RMS norm is normalize(e) * (weight * sqrt(r)) (equal but for eps), one op where CPU rms_norm is ~20."""
-        key, vec, bias, gain = self._fold()
-        if z.numel() == z.shape[-1] and self._np[0] == key and z.device.type == "cpu" and z.dtype == torch.float32:
-            return self._infer_one(z)
+        _, vec, bias, gain, views = self._fold()
+        if views is not None and z.numel() == z.shape[-1] and z.device.type == "cpu" and z.dtype == torch.float32:
+            return self._infer_one(z, views)
         f32 = z.dtype == torch.float32
         e = nn.functional.linear(z, self.enc.weight)
         n = nn.functional.normalize(e if f32 else e.float(), dim=-1)  # other dtypes normalise in float32 as forward
@@ -105,7 +105,7 @@ class Router(nn.Module):
         return torch.sigmoid(logit.squeeze(-1) if f32 else logit.squeeze(-1).float())
 
     def _fold(self) -> tuple:
-        """(key, vec, bias, gain), recomputed when a weight changed (in place, as an optimiser step does, or moved).
+        """(key, vec, bias, gain, numpy views for _infer_one or None), recomputed when a weight changed (in place, as an optimiser step does, or moved).
         Plain attribute reads only: this runs at every decode step, where nn.Module's __getattr__ costs add up."""
         m, folded = self._modules, self.__dict__.get("_folded")
         enc, w, head = m["enc"]._parameters["weight"], m["dec"]._parameters["weight"], m["head"]._parameters["weight"]
@@ -118,16 +118,16 @@ class Router(nn.Module):
             return folded
         vec = (head.float() @ w.float()).to(w.dtype)
         gain = (g.detach().float() * math.sqrt(g.shape[0])).to(w.dtype)
-        folded = self.__dict__["_folded"] = (key, vec, bias.detach().reshape(1).to(w.dtype), gain)
-        self.__dict__["_np"] = (None,)
-        if w.device.type == "cpu" and w.dtype == torch.float32:  # numpy views for _infer_one (no copies)
-            self.__dict__["_np"] = (key, enc.detach().numpy(), vec.reshape(-1).numpy(), float(bias), gain.numpy())
+        views = None
+        if w.device.type == "cpu" and w.dtype == torch.float32:  # numpy views (no copies) for _infer_one
+            views = (enc.detach().numpy(), vec.reshape(-1).numpy(), float(bias), gain.numpy())
+        folded = self.__dict__["_folded"] = (key, vec, bias.detach().reshape(1).to(w.dtype), gain, views)
         return folded
 
-    def _infer_one(self, z: torch.Tensor) -> torch.Tensor:
+    def _infer_one(self, z: torch.Tensor, views: tuple) -> torch.Tensor:
         """One token on the CPU (a decode step): the same arithmetic in numpy, whose per-call cost is ~1 us against
         torch's ~5-8 us a dispatched op on this 2-core machine; the router's 6 ops were ~15% of a layer's time."""
-        _, enc, vec, bias, gain = self._np
+        enc, vec, bias, gain = views
         e = enc @ z.detach().numpy().reshape(-1)
         t = np.tanh(e * (gain / max(math.sqrt(float(e @ e)), 1e-12)))
         logit = float(t @ vec) + bias

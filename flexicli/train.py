@@ -3,7 +3,7 @@
     flexi train --skip-target 4                    # embedded SmolLM2 checkpoint in ./flexi-model
     flexi train --recipe smollm2-135m-cpu --skip-target 8
 
-Top to bottom: setup (model, data, optimiser, budget threshold, resume) -> loop -> held-out evaluation -> save.
+Top to bottom: setup (model, data, optimiser, budget, resume) -> loop -> held-out evaluation -> save.
 Only router and adapter parameters train; the teacher is the same model with routing off, so no second copy of the
 weights is held. Checkpoints are written atomically; a resumed run sees the same data order as an unbroken one.
 """
