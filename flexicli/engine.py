@@ -20,12 +20,11 @@ raise UnsupportedModel and keep the HF path.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.nn import functional as F
 
 from .errors import UnsupportedModel
+from .layer import threshold_logit
 
 _SUPPORTED = ("llama", "mistral")  # qwen2 has q/k/v biases, qwen3 q/k norms: not (yet) in the kernels
 
@@ -169,8 +168,7 @@ class DecodeEngine:
 
     @property
     def _logit_tau(self) -> float:
-        t = min(max(self.threshold, 1e-6), 1 - 1e-6)
-        return math.log(t / (1 - t))
+        return threshold_logit(self.threshold)  # the same clamp as the reference path's, so both decide alike
 
     def graph(self, mode: str = "full", skip_layers=()) -> "StepGraph":
         if mode not in ("full", "routed", "fixed"):
