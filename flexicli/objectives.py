@@ -75,6 +75,15 @@ def gate_stats(gates):
     return skipped_st, w.sum(-1), 1 - run.mean(dim=(0, 1))
 
 
+def gate_margin(gates, center: float, width: float = 1.0) -> torch.Tensor:
+    """Per token, summed over routed layers: how far inside +-width of the threshold (in logit space) the gates sit.
+    Why: with straight-through decisions the threshold attracts gates (the budget pushes every gate down, the KL
+    pushes a gate back up only once its token skips), so they bunch there and a small shift flips many tokens at
+    once. Penalising this pushes each gate off the threshold, to the side it is on."""
+    w = torch.stack([g[1] for g in gates], dim=-1).float()
+    return torch.relu(width - (torch.logit(w, eps=1e-6) - center).abs()).sum(-1)
+
+
 def gate_logits(gates) -> torch.Tensor:
     """The routers' logits of one forward, pooled over tokens and routed layers (for the budget threshold)."""
     w = torch.stack([g[1].detach().float() for g in gates], dim=-1)

@@ -24,7 +24,7 @@ import torch
 from . import distributed
 from .errors import BadInput
 from .layer import threshold_logit, threshold_of
-from .objectives import BUDGETS, distill_loss, gate_logits, gate_stats, lm_loss, logits_fn
+from .objectives import BUDGETS, distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn
 from .teacher import cache_bytes
 
 TRAIN_STATE = "train_state.safetensors"
@@ -40,6 +40,7 @@ class TrainConfig:
     seq_len: int = 256
     lr: float = 2e-3  # adapters; routers get lr * router_lr_scale
     router_lr_scale: float = 0.15  # a router's decision is a cliff: small steps keep tokens from flipping en masse
+    margin_weight: float = 0.0  # > 0: push gates off the threshold (objectives.gate_margin)
     warmup: int = 20
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     seed: int = 0
@@ -182,11 +183,12 @@ def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=
             student_h = decoder(input_ids=batch).last_hidden_state
         skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
         logits = gate_logits(fm.state.gates)
+        margin = gate_margin(fm.state.gates, budget.logit).mean() if cfg.margin_weight else 0.0
     finally:
         fm.state.gates = None
     if cfg.objective == "kl":
         main, agree = distill_loss(student_h, teacher_h, head)
-        extra = budget.loss(target, skipped_st)
+        extra = budget.loss(target, skipped_st) + cfg.margin_weight * margin
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.objectives import BudgetPenalty
+from flexicli.objectives import BudgetPenalty, gate_margin
 from flexicli.model import FlexiModel
 from flexicli.train import TrainConfig, batch_at, load_recipe, train
 
@@ -71,6 +71,18 @@ def test_budget_is_hit(budget, router_init):
     fm, rows, heldout = setup()
     summary = train(fm, cfg(steps=60, skip_target=1.0, budget=budget, router_init=router_init), rows=rows, heldout=heldout, progress=False, log=lambda m: None)
     assert abs(summary["mean_skipped_layers"] - 1.0) <= 0.5, summary
+
+
+def test_gate_margin_pushes_gates_off_the_threshold():
+    x = torch.tensor([-0.5, 0.2, 3.0], requires_grad=True)  # router logits of one token in three layers
+    gates = [(i, torch.sigmoid(x[i]).reshape(1, 1), torch.ones(1, 1, dtype=torch.bool)) for i in range(3)]
+    margin = gate_margin(gates, center=0.0, width=1.0)
+    assert margin.shape == (1, 1) and margin.item() == pytest.approx(0.5 + 0.8, abs=1e-4)
+    margin.sum().backward()
+    # descent moves the skipping gate down, the running one up, and leaves the one outside the margin alone
+    assert x.grad[0] > 0.99 and x.grad[1] < -0.99 and x.grad[2] == 0
+    shifted = gate_margin(gates, center=0.2, width=1.0)  # the threshold itself, in logit space, is the centre
+    assert shifted.item() == pytest.approx(0.3 + 1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("budget", ["penalty", "threshold"])
