@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from .compat import cache_kwargs, output_cache
+
 CONFIGS = ("original", "routed", "fixed", "run")
 
 
@@ -93,11 +95,11 @@ def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> _Clock:
     """The clock of `new_tokens` greedy steps after an untimed prefill of `prompt`."""
     with torch.no_grad():
         out = model(prompt, use_cache=True, logits_to_keep=1)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
         with _Clock(prompt.device) as clock:
             for _ in range(new_tokens):
-                out = model(nxt, past_key_values=cache, use_cache=True)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(nxt, **cache_kwargs(model, cache), use_cache=True)
+                cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
     return clock
 
 
@@ -105,10 +107,10 @@ def mean_skipped(fm, prompt: torch.Tensor, new_tokens: int) -> tuple[float, floa
     """Mean routed layers skipped per token at the threshold: over the prefill, and over decode steps."""
     with torch.no_grad(), fm.routing("routed"), fm.record() as rec:
         out = fm.model(prompt, use_cache=True, logits_to_keep=1)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            out = fm.model(nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = fm.model(nxt, **cache_kwargs(fm.model, cache), use_cache=True)
+            cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
     skipped = (~rec.decisions()).float().sum(-1)  # [B, T_total]
     t = prompt.shape[1]
     return skipped[:, :t].mean().item(), skipped[:, t:].mean().item()

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .compat import layer_cache
+
 
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
@@ -140,7 +142,7 @@ def partial_attention(plan: AttentionPlan, z, run, call: dict):
     cos, sin = call["position_embeddings"]
     k, v = plan.keys_values(z)
     k = apply_rotary(k, cos, sin)
-    cache = call.get("past_key_values")
+    cache = layer_cache(call)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
     if not bool(run.any()):

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .compat import cache_kwargs
 from .errors import BadInput
 
 
@@ -244,7 +245,7 @@ def generate_tokens(lm: LayerModel, prompt_ids: list[int], max_new_tokens: int =
             """Logits of the last position, and the decisions [len(ids), n_routed] for the consumed ids."""
             before = len(recording.raw) if recording is not None else 0
             with torch.inference_mode():
-                out = lm.model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+                out = lm.model(input_ids=torch.tensor([ids], device=device), **cache_kwargs(lm.model, cache), use_cache=True)
             ran = None
             if recording is not None:
                 step = recording.raw[before:]
