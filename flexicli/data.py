@@ -4,6 +4,9 @@ Built in: `flexicli/data/prompts.jsonl`, 415 user prompts (every 10th held out).
   - "selfgen" (default): each prompt plus the original model's own greedy answer, through the chat template.
     Generated once per base model (by its fingerprint) and cached in $FLEXI_CACHE/selfgen/.
   - "prompts": the chat-templated prompts alone.
+  - "docs": documentation that ships with installed packages flexicli depends on (docstrings of torch, transformers,
+    numpy, ...), read offline, in a fixed order: technical prose and code of another kind than the conversations.
+  - "mix": selfgen and docs together.
 Or `--data PATH` (.jsonl with `messages` or `text` per line, or .txt: paragraphs split by blank lines), or a Hub
 dataset id when online. Held-out data is always the held-out prompts with the original model's answers, so runs
 with different training data are compared on the same text.
@@ -78,6 +81,43 @@ def conversations(fm, prompts: list[str], answers: list[str] | None) -> list[str
         return [chat_text(fm.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     return [chat_text(fm.tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": a}])
             for p, a in zip(prompts, answers)]
+
+
+# Third-party packages flexicli installs (never the standard library: held-out text of that kind judges the
+# budget and quality on text not trained on). Their versions are pinned by the lock, so the corpus is reproducible.
+DOC_PACKAGES = ("transformers", "torch", "numpy", "huggingface_hub", "accelerate", "click", "rich", "safetensors",
+                "yaml", "gguf", "networkx", "sympy", "jinja2", "tokenizers")
+
+
+def package_docs(max_chars: int = 1_500_000, min_chars: int = 200) -> list[str]:
+    """Docstrings of at least `min_chars` from DOC_PACKAGES (those installed), files in sorted order, at most
+    max_chars / len(packages) characters from each package (so no single package dominates), read with `ast`."""
+    import ast
+    import importlib.util
+
+    texts, per_package = [], max_chars // len(DOC_PACKAGES)
+    for name in DOC_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        got = 0
+        for root in spec.submodule_search_locations:
+            for f in sorted(Path(root).rglob("*.py")):
+                try:
+                    tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
+                except (SyntaxError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc and len(doc) >= min_chars:
+                            texts.append(doc)
+                            got += len(doc)
+                if got >= per_package:
+                    break
+            if got >= per_package:
+                break
+    return texts
 
 
 def heldout_texts(fm, n: int | None = None, progress=None) -> list[str]:

@@ -55,29 +55,45 @@ def cache_bytes(fm, rows: torch.Tensor) -> int:
 
 
 class TeacherCache:
-    """Per training row: the hidden state entering the first routed layer and the teacher's final hidden state."""
+    """Per training row: the hidden state entering the first routed layer and the teacher's final hidden state.
+    `lazy`: rows are computed the first time a step asks for them, so a large data set that a run visits about
+    once costs no up-front pass over rows it never reaches, and a row visited again costs nothing."""
 
-    def __init__(self, fm, rows: torch.Tensor, batch_size: int = 8, progress=None):
-        from .train import decoder_of
-
+    def __init__(self, fm, rows: torch.Tensor, batch_size: int = 8, progress=None, lazy: bool = False):
         ref = next(fm.model.parameters())
         shape = (*rows.shape, fm.config.hidden_size)
+        self.fm, self.rows = fm, rows
         self.prefix = torch.empty(shape, dtype=ref.dtype)
         self.final = torch.empty(shape, dtype=ref.dtype)
+        self.filled = torch.zeros(rows.shape[0], dtype=torch.bool)
+        if not lazy:
+            for i in range(0, rows.shape[0], batch_size):
+                self._fill(torch.arange(i, min(i + batch_size, rows.shape[0])))
+                if progress:
+                    progress(min(i + batch_size, rows.shape[0]), rows.shape[0])
+
+    @torch.no_grad()
+    def _fill(self, idx: torch.Tensor) -> None:
+        from .train import decoder_of
+
+        fm = self.fm
+        ref = next(fm.model.parameters())
         decoder, first = decoder_of(fm.model), _layers(fm)[fm.config.routed_layers[0]]
         seen = {}
         grab = first.register_forward_pre_hook(
             lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
         try:
-            with torch.no_grad(), fm.routing("full"):
-                for i in range(0, rows.shape[0], batch_size):
-                    out = decoder(input_ids=rows[i:i + batch_size].to(ref.device)).last_hidden_state
-                    self.prefix[i:i + batch_size] = seen["h"].cpu()
-                    self.final[i:i + batch_size] = out.cpu()
-                    if progress:
-                        progress(min(i + batch_size, rows.shape[0]), rows.shape[0])
+            with fm.routing("full"):
+                for i in idx.tolist():  # one row at a time: its values never depend on which rows came with it,
+                    out = decoder(input_ids=self.rows[i:i + 1].to(ref.device)).last_hidden_state  # so a resumed
+                    self.prefix[i] = seen["h"][0].cpu()  # run fills exactly what an unbroken one did
+                    self.final[i] = out[0].cpu()
+                    self.filled[i] = True
         finally:
             grab.remove()
 
     def lookup(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = idx[~self.filled[idx]].unique()
+        if missing.numel():
+            self._fill(missing)
         return self.prefix[idx].to(device), self.final[idx].to(device)

@@ -28,6 +28,7 @@ from .objectives import BUDGETS, distill_loss, gate_logits, gate_margin, gate_st
 from .teacher import cache_bytes
 
 TRAIN_STATE = "train_state.safetensors"
+CACHE_LIMIT = 4 * 2**30  # teacher cache bytes; memory is only touched for rows a run reaches (TeacherCache lazy)
 METRICS = "metrics.jsonl"
 
 
@@ -44,11 +45,12 @@ class TrainConfig:
     warmup: int = 20
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     seed: int = 0
-    data: str = "selfgen"  # selfgen | prompts | PATH (.jsonl/.txt) | Hub dataset id
+    data: str = "selfgen"  # selfgen | prompts | docs | mix (selfgen + docs) | PATH (.jsonl/.txt) | Hub dataset id
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
     budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile
     router_init: str = "none"  # none: fresh routers | influence: fit them to token-level layer influence (router_init.py)
+    adapter_init: str = "fit"  # fit: adapters fitted to each layer's update before step 0 (adapter_init.py) | none
     ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
     eval_every: int = 50
     eval_rows: int = 8
@@ -56,7 +58,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # measured: peak RSS 1.12x the frozen model's, against 1.60x without (README)
     calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
     selfgen_tokens: int = 96
-    cache_teacher: bool = True  # keep teacher hidden states per row (if under 2 GiB): about half the work per step
+    docs_chars: int = 1_500_000  # data docs/mix: characters of package documentation (~4 per token)
+    cache_teacher: bool = True  # keep teacher hidden states per row (if under CACHE_LIMIT): about half the work per step
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -78,6 +81,8 @@ class TrainConfig:
             raise BadInput(f"budget must be one of {sorted(BUDGETS)}, not {self.budget!r}")
         if self.router_init not in ("influence", "none"):
             raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
+        if self.adapter_init not in ("fit", "none"):
+            raise BadInput(f"adapter_init must be 'fit' or 'none', not {self.adapter_init!r}")
 
     @property
     def warm_start(self) -> bool:
@@ -107,9 +112,14 @@ def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
     from . import data
 
     prompts = data.builtin_prompts("train")
-    if cfg.data == "selfgen":
+    if cfg.data in ("selfgen", "mix"):
         texts = data.conversations(fm, prompts, data.teacher_answers(fm, prompts, cfg.selfgen_tokens,
                                                                      progress=progress))
+        if cfg.data == "mix":  # packed apart, then interleaved by the batch order: no row straddles the two
+            return torch.cat([data.pack(fm.tokenizer, texts, cfg.seq_len),
+                              data.pack(fm.tokenizer, data.package_docs(cfg.docs_chars), cfg.seq_len)])
+    elif cfg.data == "docs":
+        texts = data.package_docs(cfg.docs_chars)
     elif cfg.data == "prompts":
         texts = data.conversations(fm, prompts, None)
     else:
@@ -339,12 +349,10 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             heldout = heldout_rows(fm, cfg.seq_len, progress=step)
     log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} held-out rows")
     cache = None
-    if cfg.cache_teacher and dist.world_size == 1 and cache_bytes(fm, rows) < 2**31:
+    if cfg.cache_teacher and dist.world_size == 1 and cache_bytes(fm, rows) < CACHE_LIMIT:
         from .teacher import TeacherCache
 
-        with _progress(progress, "teacher", "{task.fields[what]}") as bar:
-            task = bar.add_task("teacher", total=rows.shape[0], what="rows")
-            cache = TeacherCache(fm, rows, progress=lambda done, total: bar.update(task, completed=done))
+        cache = TeacherCache(fm, rows, lazy=True)  # filled as steps first reach each row
 
     init_report, warm = None, cfg.warm_start and dist.world_size == 1  # distributed: not yet (fresh routers)
     if warm and start == 0:
@@ -357,6 +365,19 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
         fits = init_report["spearman_heldout"].values()
         log(f"routers warm-started: rank correlation with layer influence {min(fits):.2f}..{max(fits):.2f} "
             "(tokens not fitted on)")
+    adapter_report = None
+    if cfg.adapter_init == "fit" and start == 0:
+        from .adapter_init import fit_adapters
+
+        with _progress(progress, "adapters", "{task.fields[what]}") as bar:
+            task = bar.add_task("adapters", total=len(fm.layers), what="fit to each layer's update")
+            adapter_report = fit_adapters(fm, rows, progress=lambda done, total: bar.update(task, completed=done))
+        shares = adapter_report["explained_heldout"].values()
+        if shares:
+            log(f"adapters fitted: {min(shares):.2f}..{max(shares):.2f} of each layer's update reproduced "
+                "(tokens not fitted on)")
+        if adapter_report["not_fitted"]:
+            log(f"adapters not fitted (their output passes through a norm): layers {adapter_report['not_fitted']}")
     # the target ramps up from 0, so the adapters learn while few tokens skip
     ramp_steps = cfg.ramp * cfg.steps
 
@@ -406,7 +427,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     for p in params:
         p.requires_grad_(False)
     summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data, "budget": cfg.budget,
-               "router_init": cfg.router_init}
+               "router_init": cfg.router_init, "adapter_init": cfg.adapter_init}
     if heldout is not None:
         final = heldout_metrics(fm, heldout)
         summary["trained_threshold_skipped"] = final["mean_skipped_layers"]
@@ -420,6 +441,8 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             summary.update(greedy_agreement(fm, heldout_prompts(10)))
     if init_report:
         summary["router_fit"] = init_report
+    if adapter_report:
+        summary["adapter_fit"] = adapter_report
     if folder:
         dist.on_main(save_training, fm, folder, cfg, cfg.steps, opt, budget, summary)
     return summary

@@ -4,7 +4,8 @@ from .common import emit_json, json_option, model_option, stderr_console
 
 # Flags that map one to one onto TrainConfig fields; given flags override the recipe/config file.
 _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", "objective", "alpha", "eval_every",
-          "save_every", "gradient_checkpointing", "calibrate", "cache_teacher", "budget", "router_init"]
+          "save_every", "gradient_checkpointing", "calibrate", "cache_teacher", "budget", "router_init",
+          "adapter_init"]
 
 
 @click.command("train", help="Distil the routed model against the original model under a layer budget.")
@@ -20,12 +21,13 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--objective", type=click.Choice(["kl", "lm"]), default=None, help="kl: distillation (default); lm: FlexiDepth's LM loss + alpha*(sum w)^2.")
 @click.option("--budget", type=click.Choice(["penalty", "threshold"]), default=None, help="How the skip target is met. penalty: a PI-controlled Lagrange term (default); threshold: the threshold follows the quantile of the router logits.")
 @click.option("--router-init", type=click.Choice(["none", "influence"]), default=None, help="none: start from the fresh routers (default); influence: first fit the routers to each layer's token-level influence.")
+@click.option("--adapter-init", type=click.Choice(["fit", "none"]), default=None, help="fit: before step 0, fit each adapter to the update its layer makes (least squares, then a short local MSE phase; default); none: fresh adapters that add nothing.")
 @click.option("--alpha", type=float, default=None, help="FlexiDepth penalty weight (objective lm).")
 @click.option("--eval-every", type=int, default=None)
 @click.option("--save-every", type=int, default=None)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute each routed layer in backward instead of storing its activations (default on: peak memory 1.12x the frozen model's instead of 1.60x, for a few % more time a step).")
 @click.option("--calibrate/--no-calibrate", default=None, help="Nudge the threshold after training so held-out skipping hits the target.")
-@click.option("--cache-teacher/--no-cache-teacher", default=None, help="Keep the teacher's hidden states per training row (default on when under 2 GiB).")
+@click.option("--cache-teacher/--no-cache-teacher", default=None, help="Keep the teacher's hidden states per training row (default on when under 4 GiB; filled as training first reaches each row).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the checkpoint's training state.")
 @click.option("--recipe", default=None, help="A recipe name from recipes/ (e.g. smollm2-135m-cpu).")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="A YAML file of training settings.")

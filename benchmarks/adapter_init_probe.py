@@ -1,0 +1,59 @@
+"""Adapter initialisation without any training: static skipping of the K least influential routed layers of SmolLM2,
+with fresh adapters (down_proj = 0), ridge least squares only, and least squares plus the local MSE phase.
+
+    python benchmarks/adapter_init_probe.py --skip 4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip", type=int, default=4)
+    ap.add_argument("--heldout-rows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    args = ap.parse_args()
+
+    from flexicli.adapter_init import fit_adapters
+    from flexicli.base import load_base
+    from flexicli.evaluate import compare_teacher_forced
+    from flexicli.model import FlexiModel
+    from flexicli.router_init import layer_influence
+    from flexicli.train import TrainConfig, heldout_rows, training_rows
+
+    model, tok, info = load_base(None, dtype="float32", device="cpu")
+    n = model.config.num_hidden_layers
+    fm = FlexiModel.wrap(model, tok, routed_layers=range(n // 2, n), base_model=info.base_model)
+    cfg = TrainConfig(skip_target=args.skip, seq_len=args.seq_len)
+    rows, held = training_rows(fm, cfg), heldout_rows(fm, args.seq_len)[: args.heldout_rows]
+    _, infl = layer_influence(fm, rows[:16])
+    order = infl.mean(0).argsort().tolist()
+    skip = frozenset(fm.config.routed_layers[i] for i in order[: args.skip])
+    routing = {"mode": "fixed", "skip_layers": skip}
+    out = {"skip_layers": sorted(skip), "train_rows": rows.shape[0], "heldout_rows": held.shape[0]}
+
+    def measure(name):
+        r = compare_teacher_forced(fm, held.tolist(), routing, 4)
+        out[name] = {k: round(r[k], 4) for k in ("kl", "top1_agreement")}
+        print(name, out[name], flush=True)
+
+    measure("fresh")
+    t = time.perf_counter()
+    out["ls_report"] = fit_adapters(fm, rows, local_steps=0)
+    out["ls_seconds"] = round(time.perf_counter() - t, 1)
+    measure("least_squares")
+    t = time.perf_counter()
+    out["local_report"] = fit_adapters(fm, rows)
+    out["local_seconds"] = round(time.perf_counter() - t, 1)
+    measure("least_squares_local")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
