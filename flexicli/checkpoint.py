@@ -4,15 +4,23 @@ A checkpoint folder holds only what flexicli adds, never the base weights:
     flexi_config.json          base model id/path, revision, fingerprint of the base weights, routed layers, sizes
     flexi_weights.safetensors  router and adapter weights (never pickle)
     README.md                  model card
-Folders are written atomically: into a temporary sibling first, then renamed into place.
+Folders are written atomically: into a temporary sibling first, then swapped into place in one step (Linux
+renameat2 RENAME_EXCHANGE), so a process killed at any moment leaves the old folder or the new one at the path,
+never a mix or nothing. Siblings a killed writer left behind (.NAME.tmp-PID-*, .NAME.old-PID) are removed by the
+next write to that path.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -79,23 +87,91 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+_KILL_HITS: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Tests of crash safety only: with FLEXI_TEST_KILL_AT=NAME:N this process SIGKILLs itself the Nth time it
+    passes the point NAME (as an outside `kill -9` landing exactly there would). Unset: does nothing.
+    Points: save-partial, save-written, save-swapped (checkpoint writes), step (flexicli/train.py)."""
+    spec = os.environ.get("FLEXI_TEST_KILL_AT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _KILL_HITS[name] = _KILL_HITS.get(name, 0) + 1
+    if _KILL_HITS[name] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # this filesystem cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> None:
+    """Remove what writers of `target` that were killed mid-write left beside it: their temporary folders, and old
+    folders not yet deleted after the swap. Where the two-rename fallback was killed between its renames (no
+    folder at `target`, the old one beside it), the old one goes back into place."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)(-.*)?")
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not target.exists():
+            os.replace(p, target)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(target: Path, overwrite: bool = False):
     """Yields a temporary folder beside `target`; on success it replaces `target`, on error it vanishes."""
     target = Path(target)
+    clean_stale(target)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} already exists", "choose another -o/--output or pass --force")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # the writer's pid in the names: clean_stale tells a killed writer's leftovers from a live writer's
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         yield tmp
+        kill_point("save-written")
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
+            if _exchange(tmp, target):  # one step: a reader (or a kill) sees the old folder or the new, never none
+                old = tmp
+            else:  # no exchange here: two renames, with a moment without `target` that clean_stale repairs
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+            kill_point("save-swapped")
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
@@ -112,6 +188,7 @@ def write_checkpoint(folder: Path, config: FlexiConfig, tensors: dict[str, torch
 
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json())
+        kill_point("save-partial")
         save_file({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}, tmp / WEIGHTS_FILE,
                   metadata={"format": FORMAT})
         (tmp / CARD_FILE).write_text(card)
@@ -135,6 +212,8 @@ def update_config(folder: Path, **changes) -> FlexiConfig:
 
 def read_config(folder: Path) -> FlexiConfig:
     folder = Path(folder)
+    if not folder.exists():
+        clean_stale(folder)  # a writer killed between the fallback's two renames: its old folder goes back
     if not folder.exists():
         raise CheckpointError(f"no checkpoint folder at {folder}", "run `flexi convert` first, or pass -m/--model")
     path = folder / CONFIG_FILE

@@ -1,15 +1,17 @@
 """Training and held-out data, offline by default.
 
-Built in: `flexicli/data/prompts.jsonl`, 415 user prompts (every 10th held out). Two ways to turn them into text:
+Built in: `flexicli/data/prompts.jsonl`, 415 user prompts (every 10th held out), and the documentation of installed
+packages. The sources:
   - "selfgen" (default): each prompt plus the original model's own greedy answer, through the chat template.
     Generated once per base model (by its fingerprint) and cached in $FLEXI_CACHE/selfgen/.
   - "prompts": the chat-templated prompts alone.
   - "docs": documentation that ships with installed packages flexicli depends on (docstrings of torch, transformers,
     numpy, ...), read offline, in a fixed order: technical prose and code of another kind than the conversations.
   - "mix": selfgen and docs together.
-Or `--data PATH` (.jsonl with `messages` or `text` per line, or .txt: paragraphs split by blank lines), or a Hub
-dataset id when online. Held-out data is always the held-out prompts with the original model's answers, so runs
-with different training data are compared on the same text.
+Or `--data PATH` (.jsonl with `messages`, `text` or `input_ids` per line, or .txt: paragraphs split by blank lines),
+or a Hub dataset id when online. `input_ids` rows are token ids packed as they are (no EOS added between rows): the
+way to train a model that has no tokenizer. Held-out data is always the held-out prompts with the original model's
+answers, so runs with different training data are compared on the same text.
 """
 
 from __future__ import annotations
@@ -125,8 +127,9 @@ def heldout_texts(fm, n: int | None = None, progress=None) -> list[str]:
     return conversations(fm, prompts, teacher_answers(fm, prompts, progress=progress))
 
 
-def read_data(path: str, tokenizer) -> list[str]:
-    """Texts from a local .jsonl (`messages` through the chat template, or `text`) or .txt file, or a Hub dataset."""
+def read_data(path: str, tokenizer) -> list[str | list[int]]:
+    """Texts from a local .jsonl (`messages` through the chat template, or `text`) or .txt file, or a Hub dataset;
+    a .jsonl row of `input_ids` gives its token ids as a list instead (pack takes them as they are)."""
     p = Path(path).expanduser()
     if p.suffix == ".txt" and p.is_file():
         return [t.strip() for t in p.read_text().split("\n\n") if t.strip()]
@@ -143,11 +146,16 @@ def read_data(path: str, tokenizer) -> list[str]:
                 texts.append(chat_text(tokenizer, row["messages"]))
             elif "text" in row:
                 texts.append(row["text"])
+            elif "input_ids" in row:
+                ids = row["input_ids"]
+                if not (isinstance(ids, list) and all(type(t) is int and t >= 0 for t in ids)):
+                    raise BadInput(f"{path}:{i}: input_ids must be a list of token ids (integers >= 0)")
+                texts.append(ids)
             else:
-                raise BadInput(f"{path}:{i} has neither 'messages' nor 'text'")
+                raise BadInput(f"{path}:{i} has none of 'messages', 'text', 'input_ids'")
         return texts
     if p.exists():
-        raise BadInput(f"unsupported data file {path}", "use .jsonl (messages or text per line) or .txt")
+        raise BadInput(f"unsupported data file {path}", "use .jsonl (messages, text or input_ids per line) or .txt")
     if path.count("/") == 1 and not path.startswith((".", "/", "~")):
         return _hub_dataset(path, tokenizer)
     raise BadInput(f"no such data file: {path}")
@@ -174,11 +182,18 @@ def _hub_dataset(dataset_id: str, tokenizer, limit: int = 20000) -> list[str]:
     return texts
 
 
-def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
-    """Concatenate tokenised texts (each ended by EOS) and cut into [n, seq_len] rows; the tail is dropped."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+def pack(tokenizer, texts: list[str | list[int]], seq_len: int) -> torch.Tensor:
+    """Concatenate tokenised texts (each ended by EOS) and cut into [n, seq_len] rows; the tail is dropped. Items
+    that are already token ids (lists, from `input_ids` rows) go in as they are; only they need no tokenizer."""
     ids: list[int] = []
     for t in texts:
+        if isinstance(t, list):
+            ids += t
+            continue
+        if tokenizer is None:
+            raise BadInput("this model has no tokenizer, so text data cannot be tokenised",
+                           'pass --data FILE.jsonl with token ids: {"input_ids": [...]} per line')
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
     n = len(ids) // seq_len
     if n == 0:

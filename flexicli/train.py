@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .checkpoint import kill_point
 from .errors import BadInput
 from .layer import threshold_logit, threshold_of
 from .objectives import BUDGETS, distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn
@@ -124,12 +126,20 @@ def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
         texts = data.conversations(fm, prompts, None)
     else:
         texts = data.read_data(cfg.data, fm.tokenizer)
-    return data.pack(fm.tokenizer, texts, cfg.seq_len)
+    rows = data.pack(fm.tokenizer, texts, cfg.seq_len)
+    vocab = fm.model.get_input_embeddings().num_embeddings
+    if rows.max().item() >= vocab:  # token-id data (input_ids rows): an embedding lookup would fail mid-run
+        raise BadInput(f"--data {cfg.data} has token id {rows.max().item()}, outside the model's vocabulary ({vocab})")
+    return rows
 
 
-def heldout_rows(fm, seq_len: int, progress=None) -> torch.Tensor:
+def heldout_rows(fm, seq_len: int, progress=None) -> torch.Tensor | None:
+    """The held-out prompts with the original model's answers; None for a model without a tokenizer (trained from
+    token ids): no held-out text can be made for it, so the run has no held-out evaluation or calibration."""
     from . import data
 
+    if fm.tokenizer is None:
+        return None
     return data.pack(fm.tokenizer, data.heldout_texts(fm, progress=progress), seq_len)
 
 
@@ -293,8 +303,30 @@ def load_training(folder: Path, opt) -> tuple[int, dict, dict]:
     return scalars["step"], scalars["train_config"], scalars["budget"]
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Cut metrics.jsonl back to the lines of steps 1..step. It is appended live, once a step, outside the atomic
+    saves, so a run killed after the last save has lines past it (perhaps a half-written last one); the resumed run
+    writes those steps again, and without this they would appear twice. Truncated in place (one call, no temporary
+    file in the checkpoint folder)."""
+    if not path.is_file():
+        return
+    keep = 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                if not line.endswith(b"\n") or json.loads(line)["step"] > step:
+                    break
+            except (ValueError, KeyError, TypeError):
+                break
+            keep += len(line)
+    if keep < path.stat().st_size:
+        os.truncate(path, keep)
+
+
 def _command() -> str:
-    return "flexi " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "flexi" in sys.argv[0] else ""
+    # without --resume: the command that reproduces the run (a run saved first by a --resume that found no state)
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return "flexi " + " ".join(shlex.quote(a) for a in args) if sys.argv and "flexi" in sys.argv[0] else ""
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------
@@ -326,11 +358,21 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
                             lr=cfg.lr, weight_decay=0.0)
     start, budget_state = 0, None
     if resume:
-        if folder is None or not (folder / TRAIN_STATE).is_file():
-            raise BadInput(f"nothing to resume in {folder}: no {TRAIN_STATE}", "start without --resume")
-        start, saved_cfg, budget_state = load_training(folder, opt)
-        cfg = TrainConfig.from_dict({**saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
-        log(f"resuming at step {start} of {cfg.steps}")
+        if folder is None:
+            raise BadInput("nothing to resume: no checkpoint folder", "start without --resume")
+        if (folder / TRAIN_STATE).is_file():
+            start, saved_cfg, budget_state = load_training(folder, opt)
+            cfg = TrainConfig.from_dict({**saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
+            log(f"resuming at step {start} of {cfg.steps}")
+        elif (fm.config.training or {}).get("steps_done"):  # trained, but its training state is gone
+            raise BadInput(f"nothing to resume in {folder}: it was trained but has no {TRAIN_STATE}",
+                           "start without --resume to train it further from step 0")
+        else:
+            # Never saved by a run (a run killed before its first save leaves the folder as it was): the same start
+            # as without --resume, so "rerun with --resume until done" also covers a kill before the first save.
+            log(f"no {TRAIN_STATE} in {folder} (no step saved yet): starting from step 0")
+        if dist.is_main:
+            trim_metrics(folder / METRICS, start)
     # kl: the budget (objectives.BUDGETS) keeps the mean skipped count at the target; lm (FlexiDepth): the threshold
     # stays where it is and their penalty alpha * (sum of gates)^2 sets the count
     budget = BUDGETS[cfg.budget](len(fm.config.routed_layers), logit=threshold_logit(fm.state.threshold))
@@ -347,7 +389,8 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             step = lambda done, total: bar.update(task, completed=done, total=total, what="answers")  # noqa: E731
             rows = training_rows(fm, cfg, progress=step)
             heldout = heldout_rows(fm, cfg.seq_len, progress=step)
-    log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} held-out rows")
+    log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} "
+        "held-out rows" + (" (no tokenizer: no held-out evaluation or calibration)" if fm.tokenizer is None else ""))
     cache = None
     if cfg.cache_teacher and dist.world_size == 1 and cache_bytes(fm, rows) < CACHE_LIMIT:
         from .teacher import TeacherCache
@@ -418,6 +461,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
             bar.update(task, advance=1, loss=rec["loss"], skipped=skipped, tps=rec["tokens_per_s"])
+            kill_point("step")  # tests of crash safety (FLEXI_TEST_KILL_AT); nothing otherwise
             done = step + 1
             if folder and (done % cfg.save_every == 0 or done == cfg.steps or done == stop_after):
                 dist.on_main(save_training, fm, folder, cfg, done, opt, budget, None)  # others wait

@@ -73,3 +73,52 @@ def test_config_is_sorted_json_naming_the_base(tiny_folder, tmp_path):
     assert list(cfg) == sorted(cfg)
     assert cfg["base_model"] == str(tiny_folder.resolve()) and cfg["routed_layers"] == [1]
     assert cfg["adapter_dim"] == 128 // 16 and cfg["threshold"] == 0.5
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid  # exited and reaped: no such process now (barring reuse within this test)
+
+
+def test_overwrite_swaps_in_one_step_and_leaves_nothing_beside(tmp_path):
+    from flexicli.checkpoint import _exchange, read_config
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    if not _exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this filesystem has no RENAME_EXCHANGE (the two-rename fallback is tested below)")
+    assert (tmp_path / "b" / "x").read_text() == "a" and not (tmp_path / "a" / "x").exists()
+    fm = FlexiModel.wrap(tiny_model("llama"), base_model="tiny")
+    fm.save(tmp_path / "ckpt")
+    fm.config.threshold = 0.25
+    fm.save(tmp_path / "ckpt", overwrite=True)
+    assert read_config(tmp_path / "ckpt").threshold == 0.25
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "ckpt"]
+
+
+def test_leftovers_of_killed_writers_are_cleaned_and_a_lost_folder_restored(tmp_path, monkeypatch):
+    """A writer killed mid-save leaves .NAME.tmp-PID-* (and, after the swap, the old folder) beside the checkpoint;
+    the two-rename fallback killed between its renames leaves no folder, the old one as .NAME.old-PID."""
+    import os
+
+    from flexicli import checkpoint
+    from flexicli.checkpoint import read_config
+
+    fm = FlexiModel.wrap(tiny_model("llama"), base_model="tiny")
+    ckpt = tmp_path / "ckpt"
+    fm.save(ckpt)
+    dead = _dead_pid()
+    ckpt.rename(tmp_path / f".ckpt.old-{dead}")  # killed between the fallback's two renames
+    (tmp_path / f".ckpt.tmp-{dead}-abc").mkdir()  # its new folder, complete or not
+    (tmp_path / f".ckpt.tmp-{os.getpid()}-live").mkdir()  # a live writer's: left alone
+    assert read_config(ckpt).threshold == 0.5  # the reader finds the old folder back in place
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # the fallback, as off Linux
+    fm.config.threshold = 0.25
+    fm.save(ckpt, overwrite=True)
+    assert read_config(ckpt).threshold == 0.25
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".ckpt.tmp-{os.getpid()}-live", "ckpt"]

@@ -216,3 +216,74 @@ def test_router_warm_start_ranks_tokens_and_sets_the_budget():
         assert torch.corrcoef(ranks)[0, 1] > 0.4, i  # 3/4 of these tokens were fitted on
     # layer 1 sees the student's changed input, so the count drifts a little from 0.75
     assert abs(mean_skipped(fm, rows) - 0.75) < 0.3
+
+
+def test_trim_metrics_drops_lines_past_the_saved_step_and_a_torn_one(tmp_path):
+    import json
+
+    from flexicli.train import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
+    path.write_text(lines + '{"step": 6, "lo')
+    trim_metrics(path, 5)
+    assert path.read_text() == lines
+    trim_metrics(path, 3)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    trim_metrics(path, 0)
+    assert path.read_text() == ""
+
+
+def test_resume_without_train_state(tmp_path):
+    """--resume where no step was saved yet (a run killed before its first save) starts from step 0, equal to a
+    run without --resume, and drops the stray metrics lines; a trained folder without its state is an error."""
+    from flexicli.checkpoint import read_weights
+    from flexicli.errors import BadInput
+
+    fm_a, rows, _ = setup(tmp_path / "a")
+    fm_b, _, _ = setup(tmp_path / "b")
+    (tmp_path / "b" / "ckpt" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')  # the killed run's
+    said = []
+    train(fm_a, cfg(steps=4), rows=rows, heldout=None, progress=False, log=lambda m: None)
+    train(fm_b, cfg(steps=4), rows=rows, heldout=None, progress=False, log=said.append, resume=True)
+    assert any("starting from step 0" in m for m in said), said
+    for k, v in read_weights(tmp_path / "a" / "ckpt").items():
+        assert torch.equal(v, read_weights(tmp_path / "b" / "ckpt")[k]), k
+    assert len((tmp_path / "b" / "ckpt" / "metrics.jsonl").read_text().splitlines()) == 4
+    (tmp_path / "b" / "ckpt" / "train_state.safetensors").unlink()
+    with pytest.raises(BadInput, match="trained but has no train_state"):
+        train(fm_b, cfg(steps=4), rows=rows, heldout=None, progress=False, log=lambda m: None, resume=True)
+
+
+def test_token_id_data_for_a_model_without_tokenizer(tmp_path):
+    import json
+
+    from flexicli.data import pack, read_data
+    from flexicli.errors import BadInput
+    from flexicli.train import training_rows
+
+    path = tmp_path / "tokens.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": list(range(i, i + 10))}) + "\n" for i in range(3, 9)))
+    assert pack(None, read_data(str(path), None), 16).tolist()[0] == list(range(3, 13)) + list(range(4, 10))
+    fm, _, _ = setup()
+    assert training_rows(fm, cfg(data=str(path), seq_len=16)).shape == (3, 16)
+    path.write_text(json.dumps({"input_ids": [5, 500]}) + "\n")  # the tiny vocabulary is 128
+    with pytest.raises(BadInput, match="outside the model's vocabulary"):
+        training_rows(fm, cfg(data=str(path), seq_len=2))
+    path.write_text(json.dumps({"input_ids": [5, "x"]}) + "\n")
+    with pytest.raises(BadInput, match="list of token ids"):
+        read_data(str(path), None)
+    path.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(BadInput, match="no tokenizer"):
+        pack(None, read_data(str(path), None), 4)
+
+
+def test_cli_resume_with_nothing_saved_needs_the_target(tmp_path, tiny_folder):
+    from click.testing import CliRunner
+
+    from flexicli.cli import main
+    from flexicli.convert import convert
+
+    convert(str(tiny_folder), tmp_path / "ckpt")
+    r = CliRunner().invoke(main, ["train", "-m", str(tmp_path / "ckpt"), "--resume"])
+    assert r.exit_code == 2 and "--skip-target is required: no step of a run was saved" in r.output, r.output

@@ -11,7 +11,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.command("train", help="Distil the routed model against the original model under a layer budget.")
 @model_option
 @click.option("--skip-target", type=float, default=None, help="Mean layers to skip per token (required unless the recipe sets it).")
-@click.option("--data", default=None, help="selfgen (default: the model's own answers to built-in prompts) | prompts | PATH (.jsonl/.txt) | Hub dataset id.")
+@click.option("--data", default=None, help="selfgen (default: the model's own answers to built-in prompts) | prompts | PATH (.jsonl with messages, text or input_ids per line; .txt) | Hub dataset id. input_ids rows (token ids, packed as given) train a model that has no tokenizer.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default 300).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch (default 4).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimiser step (default 1).")
@@ -28,7 +28,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute each routed layer in backward instead of storing its activations (default on: peak memory 1.12x the frozen model's instead of 1.60x, for a few % more time a step).")
 @click.option("--calibrate/--no-calibrate", default=None, help="Nudge the threshold after training so held-out skipping hits the target.")
 @click.option("--cache-teacher/--no-cache-teacher", default=None, help="Keep the teacher's hidden states per training row (default on when under 4 GiB; filled as training first reaches each row).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from the checkpoint's training state.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from the checkpoint's training state (its settings; --steps may raise the total). A folder that no run has saved a step to yet (e.g. killed before the first --save-every) starts from step 0, as without --resume (then --skip-target is needed); a trained folder without train_state.safetensors is an error.")
 @click.option("--recipe", default=None, help="A recipe name from recipes/ (e.g. smollm2-135m-cpu).")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="A YAML file of training settings.")
 @click.option("--device", default=None)
@@ -37,7 +37,7 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     from .. import distributed
     from ..errors import BadInput
     from ..model import FlexiModel
-    from ..train import TrainConfig, load_recipe, train
+    from ..train import TRAIN_STATE, TrainConfig, load_recipe, train
 
     if recipe and config_file:
         raise BadInput("pass --recipe or --config, not both")
@@ -45,6 +45,7 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     settings.update({k: v for k, v in flags.items() if k in _FLAGS and v is not None})
     if skip_target is not None:
         settings["skip_target"] = skip_target
+    given = set(settings)
     if "skip_target" not in settings and not resume:
         raise BadInput("--skip-target is required", "e.g. flexi train --skip-target 4")
     settings.setdefault("skip_target", 0)
@@ -54,6 +55,10 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     dist = distributed.init(device)  # torchrun / accelerate launch: this rank's device; else device as given
     with console.status(f"loading {model_dir}..."):
         fm = FlexiModel.load(model_dir, device=dist.load_device)
+    fresh = not (fm.path and (fm.path / TRAIN_STATE).is_file()) and not (fm.config.training or {}).get("steps_done")
+    if resume and fresh and "skip_target" not in given:  # train() starts it from step 0: the target must be given
+        raise BadInput("--skip-target is required: no step of a run was saved here yet, so there are no settings "
+                       "to resume", "e.g. flexi train --skip-target 4 --resume")
     summary = train(fm, cfg, resume=resume, log=lambda m: console.print(m))
     if not dist.is_main:  # distributed: rank 0 reports
         return
