@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The issue's acceptance run: the default `flexi convert && flexi train --skip-target N` from an empty cache (data
+# preparation included), timed, then `flexi eval` (its default verdict) and `flexi eval` on standard-library
+# docstrings (text of another kind, never trained on). Run from an empty folder:
+#   bash benchmarks/default_run.sh 4 runs/default4
+set -euo pipefail
+N=${1:-4}; OUT=${2:-runs/default$N}; REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"; cd "$OUT"
+export FLEXI_CACHE=$PWD/cache  # empty: the data preparation is part of the timed run
+t0=$(date +%s)
+flexi convert -o ckpt --force > convert.json 2> convert.err
+flexi train -m ckpt --skip-target "$N" --json > train.json 2> train.err
+t1=$(date +%s)
+echo "convert+train wall seconds: $((t1 - t0))" | tee wall.txt
+flexi eval -m ckpt --json > eval.json 2> eval.err || true  # a failed verdict exits non-zero; the JSON is the record
+python "$REPO/benchmarks/stdlib_text.py" -o stdlib.txt > /dev/null
+flexi eval -m ckpt --data stdlib.txt --no-save --json > eval_stdlib.json 2> eval_stdlib.err || true
+echo "commit: $(git -C "$REPO" rev-parse --short HEAD)" >> wall.txt
