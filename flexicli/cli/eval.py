@@ -127,7 +127,9 @@ def _routed_subset(fm, spec: str) -> list[int]:
     return layers
 
 
-def _run_with_progress(console, work):
+def _run_with_progress(console, work, transient_stages=()):
+    """work(progress) under one bar per stage; the bars of `transient_stages` vanish when work ends (so an error
+    line after them stays the only line), the others stay as a record of what ran."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -139,7 +141,12 @@ def _run_with_progress(console, work):
                 ids[stage] = bar.add_task(stage, total=total)
             bar.update(ids[stage], completed=done)
 
-        return work(progress)
+        try:
+            return work(progress)
+        finally:
+            for stage in transient_stages:
+                if stage in ids:
+                    bar.remove_task(ids[stage])
 
 
 def _fmt(value, pct=False):
