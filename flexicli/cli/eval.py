@@ -23,7 +23,9 @@ class Limit(click.ParamType):
 
 
 @click.command("eval", help="Is the output preserved? Compare the routed model with the original (routing off) on "
-               "held-out data and give a verdict: exit code 0 = passed, 1 = failed.\n\n"
+               "held-out data and give a verdict: exit code 0 = passed, 1 = failed. Reports the mean and the 99th "
+               "percentile of the per-token KL, top-1 and greedy agreement, and task retention; the result is "
+               "stored in the checkpoint (with a hash of its weights, so `flexi push` knows it is current).\n\n"
                "Thresholds take a number or 'off'. Every set threshold whose metric was measured must hold.")
 @model_option
 @click.option("--data", default=None, help="Held-out data: .jsonl (`messages` or `text` per line) or .txt. "
