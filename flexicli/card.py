@@ -145,7 +145,13 @@ def _evaluation(config: FlexiConfig) -> list[str]:
     if not e:
         return ["", "## Evaluation", "", "Not evaluated: run `flexi eval` before trusting its output."]
     verdict = {True: "**passed**", False: "**failed**"}.get(e.get("passed"), "no verdict")
+    if e.get("passed") is False and e.get("failed_checks"):
+        verdict += f" ({'; '.join(map(str, e['failed_checks']))})"
     rows = [(k, v) for k, v in _scalars(e) if k != "passed"]
+    ys = e.get("yardstick") if isinstance(e.get("yardstick"), dict) else {}
+    for name, metrics in ys.items():  # two levels deep: _scalars leaves them out
+        if isinstance(metrics, dict):
+            rows += [(f"yardstick.{name}.{k}", v) for k, v in metrics.items() if isinstance(v, (int, float))]
     return ["", "## Evaluation (against the original model, routing off)", "", f"Verdict: {verdict}.", "",
             "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
 

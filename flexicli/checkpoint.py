@@ -240,3 +240,15 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise CheckpointError(f"{path} is corrupted ({str(e).splitlines()[0]})",
                               "restore it or convert again") from e
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of the weights file's bytes: what a stored eval was given, so a later change is noticed."""
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}", "the checkpoint is incomplete: convert again")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

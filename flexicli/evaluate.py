@@ -8,6 +8,10 @@ original model (routing off: the same weights in memory, no second copy) on held
 What is measured, always the routed model against the original:
   kl, top1_agreement    teacher forcing on held-out texts: mean KL(original || routed) per scored token (nats)
                         and the fraction of positions whose most likely next token agrees; perplexity of both
+  kl_p99                the 99th percentile of the per-token KL: the tail the mean hides (a few tokens whose
+                        prediction changes a lot)
+  yardstick             (yardstick=True) the same teacher-forced metrics for int8 and int4 fake-quantised copies
+                        of the original, so a KL reads as "closer than int8" .. "further than int4"
   greedy_match          greedy generation from held-out prompts: the fraction of prompts whose new tokens are
                         identical, and greedy_first_divergence, the mean index of the first token that differs
                         (an identical continuation counts as new_tokens: no divergence within the budget)
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,6 +84,111 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of `labels` per position (nats); exp(mean) is the perplexity."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            reduction="none").reshape(labels.shape)
+
+
+def quantile(values: torch.Tensor, q: float) -> float:
+    """torch.quantile's default (linear interpolation between order statistics), without its input-size limit
+    (2**24 elements: a long evaluation can score more tokens than that)."""
+    v = values.detach().reshape(-1).double().sort().values
+    if v.numel() == 0:
+        return math.nan
+    pos = q * (v.numel() - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Symmetric round-to-nearest quantisation, dequantised again: what the weight becomes in int<bits>.
+
+    weight [out, in]. One scale per output channel (group_size None) or per group of `group_size` consecutive
+    input columns; scale = max|w| / qmax with qmax = 2**(bits-1) - 1, so the levels are -qmax..qmax (no zero
+    point). A last group shorter than group_size gets its own scale; an all-zero group stays zero."""
+    if weight.dim() != 2:
+        raise ValueError(f"fake_quantize takes a 2-D weight [out, in], not shape {tuple(weight.shape)}")
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach().float()
+    out_dim, in_dim = w.shape
+    g = in_dim if group_size is None else group_size
+    pad = (-in_dim) % g
+    if pad:
+        w = F.pad(w, (0, pad))  # zeros do not change a group's max|w|
+    groups = w.reshape(out_dim, -1, g)
+    scale = groups.abs().amax(-1, keepdim=True) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(groups / scale), -qmax, qmax) * scale
+    return q.reshape(out_dim, -1)[:, :in_dim].to(weight.dtype)
+
+
+# The yardstick: int8 per output channel and int4 in groups of 32, the two common weight-only formats.
+YARDSTICK = {"int8": dict(bits=8, group_size=None), "int4": dict(bits=4, group_size=32)}
+
+
+def _decoder_linears(fm) -> list[tuple[torch.nn.Module, list[tuple[torch.nn.Module, bool]]]]:
+    """Per decoder layer: (module, transposed) for every Linear of the base layer (transformers' GPT-2 Conv1D
+    too, whose weight is [in, out]). Routers and adapters are flexicli's own and do not run in the original
+    model; the embedding and the LM head sit outside the decoder layers and are left alone."""
+    from transformers.pytorch_utils import Conv1D
+
+    from .model import _get
+
+    out = []
+    for layer in _get(fm.model, fm.config.parts["layers"]):
+        base = getattr(layer, "base_layer", layer)  # a FlexiLayer's original layer
+        out.append((base, [(m, isinstance(m, Conv1D)) for m in base.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]))
+    return out
+
+
+@contextmanager
+def quantised(fm, bits: int, group_size: int | None = None):
+    """The original model's decoder Linear weights fake-quantised while the context is open (use it with
+    routing "full": the hooks sit on the original layers, which the routed path does not call as a whole).
+
+    Each decoder layer swaps its quantised weights in when its forward starts and the originals back when it
+    ends (forward hooks), so at most one layer's quantised copy exists at a time: no second model in memory,
+    at the cost of re-quantising each layer on each forward (elementwise work, small next to the matmuls).
+    Restoring puts the original tensor objects back (no copy, no arithmetic): the weights stay bit-identical."""
+    swapped: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def swap_in(linears):
+        def hook(module, args, kwargs=None):
+            for lin, transposed in linears:
+                w = lin.weight.data
+                swapped[lin] = w
+                lin.weight.data = (fake_quantize(w.t(), bits, group_size).t().contiguous() if transposed
+                                   else fake_quantize(w, bits, group_size))
+        return hook
+
+    def swap_out(linears):
+        def hook(module, args, output):
+            for lin, _ in linears:
+                if lin in swapped:
+                    lin.weight.data = swapped.pop(lin)
+        return hook
+
+    handles = []
+    try:
+        for base, linears in _decoder_linears(fm):
+            if linears:
+                handles.append(base.register_forward_pre_hook(swap_in(linears)))
+                handles.append(base.register_forward_hook(swap_out(linears)))
+        yield fm
+    finally:
+        for h in handles:
+            h.remove()
+        for lin, w in swapped.items():  # a forward that raised did not reach its swap_out
+            lin.weight.data = w
+        swapped.clear()
+
+
+def place(kl: float | None, yardstick: dict) -> str | None:
+    """Where a KL sits against the quantised copies: 'closer than int8', 'between int8 and int4', 'further
+    than int4' (None when a KL is missing)."""
+    k8, k4 = (yardstick.get(name, {}).get("kl") for name in ("int8", "int4"))
+    if kl is None or k8 is None or k4 is None:
+        return None
+    if kl <= k8:
+        return "closer than int8"
+    return "between int8 and int4" if kl <= k4 else "further than int4"
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
@@ -154,11 +264,34 @@ def _batches(items: list, size: int):
 
 
 # ---- the three comparisons ----------------------------------------------------------------------------------
-def compare_teacher_forced(fm, seqs: list[list[int]], routing: dict, batch_size: int, tick=None) -> dict:
-    """KL, top-1 agreement, perplexities and skip statistics over token sequences (right-padded batches)."""
+class _Agreement:
+    """Accumulates KL(original || other) and top-1 agreement over scored positions."""
+
+    def __init__(self):
+        self.kls: list[torch.Tensor] = []
+        self.agree = 0
+
+    def add(self, t: torch.Tensor, s: torch.Tensor) -> None:
+        self.kls.append(token_kl(t, s).cpu())
+        self.agree += int(top1_match(t, s).sum())
+
+    def result(self) -> dict:
+        kls = torch.cat(self.kls)
+        # the mean in float64: summed float32 per-token values would round differently with the batch layout
+        return {"kl": float(kls.double().mean()), "kl_p99": quantile(kls, 0.99),
+                "top1_agreement": self.agree / kls.numel()}
+
+
+def compare_teacher_forced(fm, seqs: list[list[int]], routing: dict, batch_size: int, tick=None,
+                           variants: dict[str, Callable] | None = None) -> dict:
+    """KL (mean and 99th percentile), top-1 agreement, perplexities and skip statistics over token sequences
+    (right-padded batches). `variants`: name -> a context-manager factory (e.g. a quantised original), each
+    compared with the same original logits (one extra forward pass per batch each) and reported under
+    result["yardstick"][name]."""
     device = next(fm.model.parameters()).device
     n_routed = len(fm.config.routed_layers)
-    kl = agree = nll_o = nll_r = 0.0
+    nll_o = nll_r = 0.0
+    routed, others = _Agreement(), {name: _Agreement() for name in (variants or {})}
     scored, skipped, tokens = 0, torch.zeros(n_routed, dtype=torch.long), 0
     seqs = sorted(seqs, key=len, reverse=True)  # similar lengths together: less padding
     for batch in _batches(seqs, batch_size):
@@ -168,33 +301,46 @@ def compare_teacher_forced(fm, seqs: list[list[int]], routing: dict, batch_size:
         for row, s in enumerate(batch):
             ids[row, :len(s)], mask[row, :len(s)] = torch.tensor(s), True
         ids, mask = ids.to(device), mask.to(device)
+        lengths = [int(mask[row].sum()) - 1 for row in range(len(batch))]  # positions predicting a next token
+
+        def forward():
+            return fm.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+
         with torch.no_grad():
             with fm.routing("full"):
-                t_logits = fm.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                t_logits = forward()
             with fm.routing(**routing), fm.record() as rec:
-                s_logits = fm.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                s_logits = forward()
         d_skipped, d_tokens = skip_counts(rec.decisions(), mask.cpu())
         skipped, tokens = skipped + d_skipped, tokens + d_tokens
-        for row in range(len(batch)):  # one row at a time: full-vocabulary temporaries stay small
-            n = int(mask[row].sum()) - 1  # positions that predict a next token inside the sequence
+        for row, n in enumerate(lengths):  # one row at a time: full-vocabulary temporaries stay small
             t, s, labels = t_logits[row, :n], s_logits[row, :n], ids[row, 1:n + 1]
-            kl += float(token_kl(t, s).sum())
-            agree += float(top1_match(t, s).sum())
+            routed.add(t, s)
             nll_o += float(token_nll(t, labels).sum())
             nll_r += float(token_nll(s, labels).sum())
             scored += n
-        del t_logits, s_logits
+        del s_logits
+        for name, make in (variants or {}).items():
+            with torch.no_grad(), fm.routing("full"), make():
+                v_logits = forward()
+            for row, n in enumerate(lengths):
+                others[name].add(t_logits[row, :n], v_logits[row, :n])
+            del v_logits
+        del t_logits
         if tick:
             tick(len(batch))
     if scored == 0:
         raise BadInput("no held-out text to score: every sequence is shorter than 2 tokens")
     rates = (skipped.float() / max(1, tokens)).tolist()
-    return {
-        "kl": kl / scored, "top1_agreement": agree / scored, "scored_tokens": scored,
+    out = {
+        **routed.result(), "scored_tokens": scored,
         "perplexity_original": math.exp(nll_o / scored), "perplexity_routed": math.exp(nll_r / scored),
         "mean_skipped_layers": float(skipped.sum()) / max(1, tokens),
         "per_layer_skip_rate": {str(i): r for i, r in zip(fm.config.routed_layers, rates)},
     }
+    if variants:
+        out["yardstick"] = {name: acc.result() for name, acc in others.items()}
+    return out
 
 
 def generate_ids(fm, prompts: list[list[int]], new_tokens: int, routing: dict) -> list[list[int]]:
@@ -266,7 +412,8 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
              seq_len: int = DEFAULTS["seq_len"], n_prompts: int = DEFAULTS["n_prompts"],
              new_tokens: int = DEFAULTS["new_tokens"], tasks_per_category: int = DEFAULTS["tasks_per_category"],
              batch_size: int = DEFAULTS["batch_size"], thresholds: Thresholds | None = None,
-             routing: dict | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
+             routing: dict | None = None, progress: Callable[[str, int, int], None] | None = None,
+             yardstick: bool = False) -> dict:
     """Compare the routed model with the original and give a verdict. Returns a JSON-ready dict.
 
     data: held-out texts (str) or token-id sequences; default: the built-in held-out conversations.
@@ -275,6 +422,9 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
     tasks: list of flexicli.tasks.Task; default: `tasks_per_category` of each category ([] or 0 turns it off).
     routing: how the routed model routes (fm.routing keywords); default {"mode": "routed"}.
     progress: called as progress(stage, done, total) after each batch.
+    yardstick: also compare int8 and int4 fake-quantised copies of the original with it under teacher forcing
+        (two more forward passes per batch): result["yardstick"] = {"int8": {kl, kl_p99, top1_agreement},
+        "int4": {...}} and result["yardstick_place"], e.g. "between int8 and int4" (see place()).
     """
     for name, value in (("max_samples", max_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if value < 1 or (name == "seq_len" and value < 2):
@@ -324,8 +474,11 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
         result.update(work())
         stage_seconds[stage] = time.monotonic() - t0
 
+    variants = {name: (lambda q=q: quantised(fm, **q)) for name, q in YARDSTICK.items()} if yardstick else None
     timed("teacher forcing", lambda: compare_teacher_forced(fm, seqs, routing, batch_size,
-                                                            ticker("teacher forcing", len(seqs))))
+                                                            ticker("teacher forcing", len(seqs)), variants))
+    if yardstick:
+        result["yardstick_place"] = place(result["kl"], result["yardstick"])
     result.update(greedy_match=None, greedy_first_divergence=None, greedy_prompts=0, retention=None, task_scores={})
     if prompt_ids:
         timed("greedy generation", lambda: compare_greedy(fm, prompt_ids, new_tokens, routing, 2 * batch_size,
@@ -357,26 +510,50 @@ def _finite(obj):
 
 # What goes into the checkpoint's config (and from there into the model card): the verdict and the headline
 # numbers, not the per-check rows or per-item details.
-STORED = ("passed", "kl", "top1_agreement", "greedy_match", "greedy_first_divergence", "perplexity_original",
+STORED = ("passed", "failed_checks", "kl", "kl_p99", "top1_agreement", "greedy_match", "greedy_first_divergence", "perplexity_original",
           "perplexity_routed", "mean_skipped_layers", "per_layer_skip_rate", "retention", "threshold", "thresholds",
-          "data", "texts", "scored_tokens", "greedy_prompts", "seconds")
+          "data", "texts", "scored_tokens", "greedy_prompts", "yardstick", "yardstick_place", "seconds")
+
+
+def failed_checks(result: dict) -> list[str]:
+    """The failed checks as short phrases, e.g. 'kl 0.31 > 0.25'; from the check rows of a fresh result, or
+    recomputed from the metrics and thresholds of a stored summary (which keeps no rows)."""
+    if result.get("failed_checks") is not None:  # a stored summary says it itself
+        return list(result["failed_checks"])
+    rows = result.get("checks")
+    if rows is None:
+        rows = Thresholds(**{k: v for k, v in (result.get("thresholds") or {}).items()
+                             if k in Thresholds.__dataclass_fields__}).checks(result)
+    broken = {"<=": ">", ">=": "<"}  # the relation that holds when the check fails
+    out = []
+    for r in rows:
+        if r["ok"] is False:
+            value = "nan" if r["value"] is None else f"{r['value']:.4g}"  # a NaN metric is stored as None
+            out.append(f"{r['metric']} {value} {broken[r['op']]} {r['limit']:g}")
+    return out
 
 
 def summary(result: dict) -> dict:
     out = {k: result[k] for k in STORED if k in result}
+    out["failed_checks"] = failed_checks(result)
     out["task_retention"] = {c: s["retention"] for c, s in result.get("task_scores", {}).items()}
     return out
 
 
-def store(folder, result: dict) -> dict:
+def store(folder, result: dict, weights_sha256: str | None = None) -> dict:
     """Write summary(result) into the checkpoint's config as `eval` and refresh its model card (as `fm.save`
-    renders it), so the card and `flexi push` show it. Returns what was stored."""
+    renders it), so the card and `flexi push` show it. Returns what was stored.
+
+    weights_sha256: the digest of the weights file that was evaluated (checkpoint.weights_digest), taken before
+    the model was loaded; default: the file as it is now. `flexi push` re-runs the check when the file no
+    longer matches it, so a verdict is never trusted for weights it was not given on."""
     from pathlib import Path
 
     from .card import render_card
-    from .checkpoint import CARD_FILE, update_config
+    from .checkpoint import CARD_FILE, update_config, weights_digest
 
     stored = summary(result)
+    stored["weights_sha256"] = weights_sha256 or weights_digest(Path(folder))
     config = update_config(Path(folder), eval=stored)
     tmp = Path(folder) / f".{CARD_FILE}.tmp"
     tmp.write_text(render_card(config))

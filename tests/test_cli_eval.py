@@ -1,6 +1,7 @@
 """`flexi eval` through the real CLI on a tiny llama with a character-level tokenizer: verdict, exit code,
 --json, the result stored in the checkpoint, and one clear line for bad input."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from conftest import tiny_model
-from flexicli.checkpoint import CARD_FILE, read_config
+from flexicli.checkpoint import CARD_FILE, WEIGHTS_FILE, read_config
 from flexicli.model import FlexiModel
 from test_evaluate import damage
 
@@ -70,17 +71,20 @@ def test_exact_conversion_passes_and_is_stored(checkpoint):
               cwd=checkpoint.parent)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)  # stdout is one JSON object and nothing else
-    for key in ("passed", "kl", "top1_agreement", "greedy_match", "mean_skipped_layers", "per_layer_skip_rate",
-                "retention"):
+    for key in ("passed", "kl", "kl_p99", "top1_agreement", "greedy_match", "mean_skipped_layers",
+                "per_layer_skip_rate", "retention"):
         assert key in result
     assert result["passed"] is True and result["kl"] == 0.0 and result["top1_agreement"] == 1.0
     assert result["greedy_match"] == 1.0 and result["greedy_first_divergence"] == 6  # = --new-tokens
     assert result["per_layer_skip_rate"] == {"1": 0.0}
     assert len(result["task_scores"]) == 7  # the suite ran (a random model scores ~0: retention undefined)
+    assert result["kl_p99"] == 0.0 and "yardstick" not in result  # --yardstick is off by default
     stored = read_config(checkpoint).eval
     assert stored["passed"] is True and stored["kl"] == 0.0 and stored["data"].endswith("data.jsonl")
+    assert stored["kl_p99"] == 0.0 and stored["failed_checks"] == []
+    assert stored["weights_sha256"] == hashlib.sha256((checkpoint / WEIGHTS_FILE).read_bytes()).hexdigest()
     card = (checkpoint / CARD_FILE).read_text()
-    assert "Verdict: **passed**" in card and "| top1_agreement | 1 |" in card
+    assert "Verdict: **passed**" in card and "| top1_agreement | 1 |" in card and "| kl_p99 | 0 |" in card
 
 
 def test_damaged_checkpoint_fails_with_exit_code_1(checkpoint):
@@ -89,10 +93,30 @@ def test_damaged_checkpoint_fails_with_exit_code_1(checkpoint):
     fm.save(checkpoint, overwrite=True)
     r = flexi_here("eval", "-m", str(checkpoint), "--data", str(checkpoint.parent / "data.jsonl"), *SMALL)
     assert r.returncode == 1, (r.stdout, r.stderr)
-    assert "FAILED" in r.stdout and "top1_agreement" in r.stdout
+    assert "FAILED" in r.stdout and "top1_agreement" in r.stdout and "KL 99th percentile" in r.stdout
     assert "teacher forcing" in r.stderr  # the progress bar goes to stderr
     stored = read_config(checkpoint).eval
     assert stored["passed"] is False and stored["mean_skipped_layers"] == 1.0
+    assert any(c.startswith("top1_agreement ") for c in stored["failed_checks"])
+    assert "Verdict: **failed** (" in (checkpoint / CARD_FILE).read_text()
+
+
+def test_yardstick_places_the_routed_model(checkpoint):
+    fm = FlexiModel.load(checkpoint, device="cpu")
+    damage(fm)
+    fm.save(checkpoint, overwrite=True)
+    args = ["eval", "-m", str(checkpoint), "--data", str(checkpoint.parent / "data.jsonl"), *SMALL, "--prompts", "0",
+            "--tasks-per-category", "0", "--yardstick"]
+    r = flexi_here(*args, "--json")
+    result = json.loads(r.stdout)
+    ys = result["yardstick"]
+    assert set(ys) == {"int8", "int4"} and ys["int8"]["kl"] < ys["int4"]["kl"]
+    assert result["yardstick_place"] in ("closer than int8", "between int8 and int4", "further than int4")
+    assert read_config(checkpoint).eval["yardstick"] == ys
+    card = (checkpoint / CARD_FILE).read_text()
+    assert "| yardstick.int4.kl_p99 |" in card and f"| yardstick_place | {result['yardstick_place']} |" in card
+    printed = flexi_here(*args, "--no-save").stdout
+    assert f"yardstick: routed KL {result['kl']:.4g} is {result['yardstick_place']} (int8: KL" in printed
 
 
 def test_thresholds_are_overridable(checkpoint):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.evaluate import (Thresholds, compare_teacher_forced, evaluate, first_divergence, generate_ids,
-                               retention, skip_counts, token_kl, token_nll, top1_match)
+from flexicli.evaluate import (Thresholds, compare_teacher_forced, evaluate, failed_checks, fake_quantize,
+                               first_divergence, generate_ids, place, quantile, quantised, retention, skip_counts,
+                               token_kl, token_nll, top1_match)
 from flexicli.model import FlexiModel
 
 
@@ -66,6 +67,81 @@ def test_retention_math():
     assert retention([0, 0], [1, 1]) is None  # undefined when the original scores nothing
 
 
+def test_quantile_is_torch_quantile():
+    x = torch.rand(1001) ** 3
+    for q in (0.0, 0.5, 0.99, 1.0):
+        assert quantile(x, q) == pytest.approx(torch.quantile(x, q).item(), rel=1e-6)
+    assert quantile(torch.tensor([0.0, 10.0]), 0.99) == pytest.approx(9.9)  # interpolated between the two
+
+
+def test_fake_quantize_on_a_hand_made_weight():
+    w = torch.tensor([[1.0, -0.5, 0.26, 0.0],
+                      [0.0, 0.0, 0.0, 0.0]])
+    # int8, one scale per row: 1/127; -0.5 * 127 = -63.5 rounds to even (-64); 0.26 * 127 = 33.02 -> 33
+    got = fake_quantize(w, bits=8)
+    assert torch.allclose(got[0], torch.tensor([127, -64, 33, 0]) / 127.0, atol=1e-7)
+    assert torch.equal(got[1], torch.zeros(4))  # an all-zero row stays zero (no 0/0)
+    # int4 in groups of 2: levels -7..7; group [1.4, -0.45] has scale 0.2, -2.25 -> -2; group [0.07, -0.02]
+    # has scale 0.01 and keeps its small values, which one scale per row (0.2) would round to 0
+    w = torch.tensor([[1.4, -0.45, 0.07, -0.02]])
+    assert torch.allclose(fake_quantize(w, bits=4, group_size=2), torch.tensor([[1.4, -0.4, 0.07, -0.02]]), atol=1e-6)
+    assert torch.allclose(fake_quantize(w, bits=4), torch.tensor([[1.4, -0.4, 0.0, 0.0]]), atol=1e-6)
+    # a last group shorter than group_size gets its own scale; dtype is kept
+    w = torch.tensor([[0.7, 0.1, 0.3]], dtype=torch.float64)
+    got = fake_quantize(w, bits=4, group_size=2)
+    assert got.dtype == torch.float64 and torch.allclose(got, torch.tensor([[0.7, 0.1, 0.3]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_quantised_copy_is_the_hand_quantised_model_and_restores_bit_identically(family):
+    """Inside quantised(): the same logits as a separate copy whose decoder weights were quantised by hand (the
+    embedding and LM head untouched); after it: every base weight bit-identical to before."""
+    from transformers.pytorch_utils import Conv1D
+
+    original = tiny_model(family)
+    fm = FlexiModel.wrap(copy.deepcopy(original), routed_layers=[1], base_model="tiny")
+    before = {k: v.clone() for k, v in fm.model.state_dict().items()}
+    by_hand = copy.deepcopy(original)
+    layers = by_hand.transformer.h if family == "gpt2" else by_hand.model.layers
+    with torch.no_grad():
+        for m in layers.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(fake_quantize(m.weight, 4, 32))
+            elif isinstance(m, Conv1D):  # weight [in, out]: quantised per output channel along the input
+                m.weight.copy_(fake_quantize(m.weight.t(), 4, 32).t())
+    ids = torch.tensor([sequences()[0]])
+    with torch.no_grad():
+        with fm.routing("full"), quantised(fm, bits=4, group_size=32):
+            got = fm.model(ids).logits
+        want = by_hand(ids).logits
+        plain = original(ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    after = fm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad(), fm.routing("full"):
+        assert torch.equal(fm.model(ids).logits, plain)
+
+
+def test_yardstick_int8_is_closer_than_int4():
+    fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[0, 1], base_model="tiny")
+    damage(fm)
+    r = evaluate(fm, data=sequences(), prompts=[], tasks=[], yardstick=True)
+    int8, int4 = r["yardstick"]["int8"], r["yardstick"]["int4"]
+    assert 0 < int8["kl"] < int4["kl"] and int8["kl_p99"] < int4["kl_p99"]
+    assert int8["top1_agreement"] >= int4["top1_agreement"]
+    assert r["yardstick_place"] == place(r["kl"], r["yardstick"])
+    assert "yardstick" not in evaluate(fm, data=sequences(), prompts=[], tasks=[])  # off by default
+    ys = {"int8": {"kl": 0.01}, "int4": {"kl": 0.3}}
+    assert [place(k, ys) for k in (0.005, 0.2, 0.5, None)] == [
+        "closer than int8", "between int8 and int4", "further than int4", None]
+
+
+def test_failed_checks_from_a_result_and_from_a_stored_summary():
+    stored = {"kl": 0.31, "top1_agreement": 0.76, "retention": None,
+              "thresholds": {"max_kl": 0.25, "min_top1": 0.8, "min_retention": 0.9, "min_greedy_match": None}}
+    assert failed_checks(stored) == ["kl 0.31 > 0.25", "top1_agreement 0.76 < 0.8"]
+
+
 def test_threshold_checks():
     t = Thresholds(max_kl=0.1, min_top1=0.9, min_retention=0.9, min_greedy_match=None)
     rows = {r["metric"]: r["ok"] for r in t.checks({"kl": 0.05, "top1_agreement": 0.85, "retention": None})}
@@ -96,7 +172,7 @@ def test_teacher_forced_metrics_match_a_direct_computation_despite_padding():
     seqs = sequences()
     got = compare_teacher_forced(fm, seqs, {"mode": "routed"}, batch_size=4)
     kl = agree = nll = 0.0
-    count = 0
+    count, per_token = 0, []
     with torch.no_grad():
         for s in seqs:
             ids = torch.tensor([s])
@@ -105,11 +181,14 @@ def test_teacher_forced_metrics_match_a_direct_computation_despite_padding():
             with fm.routing("routed"):
                 r = fm.model(ids).logits[0, :-1]
             kl += token_kl(t, r).sum().item()
+            per_token.append(token_kl(t, r))
             agree += top1_match(t, r).sum().item()
             nll += token_nll(r, ids[0, 1:]).sum().item()
             count += len(s) - 1
     assert got["scored_tokens"] == count
     assert got["kl"] == pytest.approx(kl / count, rel=1e-4) and got["kl"] > 0.001
+    p99 = torch.quantile(torch.cat(per_token), 0.99).item()  # the tail, from each sequence alone
+    assert got["kl_p99"] == pytest.approx(p99, rel=1e-3) and got["kl_p99"] > got["kl"]
     assert got["top1_agreement"] == pytest.approx(agree / count)
     assert got["perplexity_routed"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert got["mean_skipped_layers"] == 2.0 and got["per_layer_skip_rate"] == {"0": 1.0, "1": 1.0}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexicli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, update_config
+from flexicli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config, update_config, weights_digest
 from flexicli.convert import convert
 from test_cli_convert import one_error_line
 
@@ -127,7 +127,8 @@ def ckpt(tiny_folder, tmp_path):
 def passed_eval(folder: Path):
     update_config(folder, training={"skip_target": 4, "command": "flexi train --skip-target 4", "steps": 10},
                   eval={"passed": True, "kl": 0.0123, "top1_agreement": 0.97, "greedy_match": 0.8,
-                        "mean_skipped_layers": 0.5, "per_layer_skip_rate": [0.25, 0.25]})
+                        "mean_skipped_layers": 0.5, "per_layer_skip_rate": [0.25, 0.25],
+                        "weights_sha256": weights_digest(folder)})  # current: made on these weights
     (folder / "patterns").mkdir()
     (folder / "patterns" / "layer_usage.png").write_bytes(b"\x89PNG fake figure")
     (folder / "resume_state.pt").write_bytes(b"optimizer state: stays home")
@@ -148,23 +149,62 @@ def test_dry_run_lists_files_and_card_without_network(ckpt, hub, tmp_path):
     assert "base_model:" not in card  # the base is a local path here, not a Hub id the Hub could link
 
 
-def test_plan_refusal_and_repo_ids(ckpt):
-    from flexicli.errors import BadInput
+def store_verdict(folder: Path, damaged: bool):
+    """A real verdict on token ids (the tiny base has no tokenizer), stored as `flexi eval` stores it."""
+    from flexicli.evaluate import evaluate, store
+    from flexicli.model import FlexiModel
+    from test_evaluate import damage, sequences
+
+    fm = FlexiModel.load(folder, device="cpu")
+    if damaged:  # routers that skip every token, noisy adapters
+        damage(fm)
+        fm.save(folder, overwrite=True)
+    store(folder, evaluate(fm, data=sequences(), tasks=[], new_tokens=4))
+
+
+def test_plan_check_refusal_and_repo_ids(ckpt, monkeypatch):
+    from flexicli.errors import BadInput, Failure
     from flexicli.push import plan_push, push
 
     plan = plan_push(ckpt, "me/x")
-    assert plan.refusal and "no eval result" in plan.refusal and "--force" in plan.refusal
+    assert plan.check == "it has no eval result" and plan.refusal is None  # a real push would check first
     assert plan.notes and "local path" in plan.notes[0]
-    with pytest.raises(BadInput, match="refusing to push.*no eval result"):
-        push(ckpt, "me/x")  # refused before any network call (HF_HUB_OFFLINE=1 here would fail otherwise)
-    update_config(ckpt, eval={"passed": False, "kl": 3.0})
-    with pytest.raises(BadInput, match="eval failed"):
+    store_verdict(ckpt, damaged=True)
+    plan = plan_push(ckpt, "me/x")
+    stored = read_config(ckpt).eval
+    assert plan.check is None and stored["passed"] is False
+    assert plan.refusal == f"its eval failed ({'; '.join(stored['failed_checks'])}); pass --force to push anyway"
+    assert "top1_agreement" in plan.refusal
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")  # logged in; refused before any request
+    with pytest.raises(Failure, match=r"^refusing to push .*: its eval failed \(.*top1_agreement.*--force"):
         push(ckpt, "me/x")
     for bad in ("a/b/c", "no-namespace", "me/bad name"):
         with pytest.raises(BadInput, match="bad repo id"):
             plan_push(ckpt, bad)
-    update_config(ckpt, training={"skip_target": 8.0}, eval={"passed": True})
+    update_config(ckpt, training={"skip_target": 8.0}, eval={"passed": True, "weights_sha256": weights_digest(ckpt)})
     assert plan_push(ckpt, user="bob").repo_id == "bob/tiny-llama-flexi-skip8" and plan_push(ckpt).refusal is None
+
+
+def test_a_stale_verdict_is_not_trusted(ckpt):
+    from flexicli.model import FlexiModel
+    from flexicli.push import plan_push
+
+    store_verdict(ckpt, damaged=False)
+    assert plan_push(ckpt).check is None and read_config(ckpt).eval["weights_sha256"] == weights_digest(ckpt)
+    fm = FlexiModel.load(ckpt, device="cpu")
+    with torch.no_grad():
+        fm.layers[0].router.bias.add_(1.0)  # trained a little more after the eval
+    fm.save(ckpt, overwrite=True)  # (save rewrites the config, verdict included: only the weights differ)
+    assert plan_push(ckpt).check == "its weights changed after the eval"
+    store_verdict(ckpt, damaged=False)
+    update_config(ckpt, threshold=0.7)
+    assert plan_push(ckpt).check == "its router threshold changed after the eval (0.5 -> 0.7)"
+    ev = read_config(ckpt).eval
+    del ev["weights_sha256"]
+    update_config(ckpt, threshold=0.5, eval=ev)  # a verdict stored before flexicli recorded the digest
+    assert plan_push(ckpt).check == "its eval result does not record which weights it was made on"
 
 
 def test_push_one_commit_then_load_back_by_id(ckpt, hub, tmp_path, monkeypatch):
@@ -276,3 +316,64 @@ def test_card_metadata_license_and_layer_usage(ckpt, tiny_folder):
     card = render_card(rated)
     assert "Verdict: **failed**" in card and "| 0 | 50% |" in card and "| 1 | 100% |" in card
     assert "Mean skipped layers per token: 0.50 of 2 routed." in card
+
+
+@pytest.fixture
+def speaking_ckpt(tmp_path, monkeypatch):
+    """A fresh conversion of a tiny llama with a character-level tokenizer (so the built-in held-out texts and
+    task suite can run, as in test_cli_eval): its routers run every token, so the check passes with KL 0."""
+    from test_cli_eval import char_tokenizer
+
+    monkeypatch.setenv("FLEXI_CACHE", str(tmp_path / "cache"))  # held-out answers are generated and cached here
+    base = tmp_path / "tiny-base"
+    from conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    convert(str(base), tmp_path / "speaking", device="cpu")
+    return tmp_path / "speaking"
+
+
+def test_push_runs_the_check_when_there_is_no_verdict(speaking_ckpt, hub, tmp_path):
+    home = tmp_path / "home"
+    dry = flexi("-m", str(speaking_ckpt), "--dry-run", endpoint=hub["url"], home=home)
+    assert dry.returncode == 0 and "a real push would first run the preservation check (it has no eval result)" \
+        in dry.stderr
+    assert read_config(speaking_ckpt).eval is None and hub["requests"] == []  # the dry run checked nothing
+
+    r = flexi("-m", str(speaking_ckpt), "me-too", endpoint=hub["url"], home=home)  # a bad id: before the check
+    assert r.returncode == 2 and read_config(speaking_ckpt).eval is None
+
+    r = flexi("-m", str(speaking_ckpt), endpoint=hub["url"], home=home)
+    assert r.returncode == 0, r.stderr
+    assert "teacher forcing" in r.stderr and "task suite" in r.stderr  # the check's progress, on stderr
+    assert "checked first (it has no eval result): passed" in r.stdout and "pushed 3 files" in r.stdout
+    stored = read_config(speaking_ckpt).eval  # stored as `flexi eval` stores it
+    assert stored["passed"] is True and stored["kl"] == 0.0 and stored["data"] == "built-in held-out"
+    assert stored["weights_sha256"] == weights_digest(speaking_ckpt) and len(stored["task_retention"]) == 7
+    repo = hub["repos"][f"{USER}/tiny-base-flexi-skip0"]
+    assert repo["commits"] == 1 and "Verdict: **passed**" in repo["files"]["README.md"].decode()
+    assert repo["files"][CONFIG_FILE] == (speaking_ckpt / CONFIG_FILE).read_bytes()  # the config with the verdict
+    assert "Verdict: **passed**" in (speaking_ckpt / "README.md").read_text()  # the local card too
+
+    # pushed again (to a new repo: the fake Hub answers an existing one as no client expects): the verdict is
+    # current, so no second check
+    again = flexi("-m", str(speaking_ckpt), f"{USER}/again", "--json", endpoint=hub["url"], home=home)
+    assert again.returncode == 0 and json.loads(again.stdout)["checked"] is None and "teacher" not in again.stderr
+
+
+def test_a_failed_verdict_is_refused_in_one_line_unless_forced(ckpt, hub, tmp_path):
+    store_verdict(ckpt, damaged=True)
+    failed = read_config(ckpt).eval["failed_checks"]
+    home = tmp_path / "home"
+    line = one_error_line(flexi("-m", str(ckpt), endpoint=hub["url"], home=home), 1)
+    assert line == f"error: refusing to push {ckpt}: its eval failed ({'; '.join(failed)}); pass --force to push anyway"
+    assert [r for r in hub["repos"].values() if r["commits"]] == []
+    assert not [r for r in hub["requests"] if r[0] == "POST"]  # nothing created, nothing uploaded
+
+    r = flexi("-m", str(ckpt), "--force", "--json", endpoint=hub["url"], home=home)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["forced"] is True and out["passed"] is False and out["checked"] is None
+    card = hub["repos"][out["repo_id"]]["files"]["README.md"].decode()
+    assert "Verdict: **failed** (" in card and failed[0] in card

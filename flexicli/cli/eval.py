@@ -23,7 +23,9 @@ class Limit(click.ParamType):
 
 
 @click.command("eval", help="Is the output preserved? Compare the routed model with the original (routing off) on "
-               "held-out data and give a verdict: exit code 0 = passed, 1 = failed.\n\n"
+               "held-out data and give a verdict: exit code 0 = passed, 1 = failed. Reports the mean and the 99th "
+               "percentile of the per-token KL, top-1 and greedy agreement, and task retention; the result is "
+               "stored in the checkpoint (with a hash of its weights, so `flexi push` knows it is current).\n\n"
                "Thresholds take a number or 'off'. Every set threshold whose metric was measured must hold.")
 @model_option
 @click.option("--data", default=None, help="Held-out data: .jsonl (`messages` or `text` per line) or .txt. "
@@ -51,14 +53,19 @@ class Limit(click.ParamType):
               help="Lowest task-suite retention (routed/original score; 0.9 = 90%).")
 @click.option("--min-greedy-match", type=Limit(), default="off", show_default=True,
               help="Lowest fraction of prompts with identical greedy continuations.")
+@click.option("--yardstick", is_flag=True, help="Also measure int8 and int4 (groups of 32) fake-quantised copies of "
+              "the original under teacher forcing, to place the routed model's KL between them. Costs two more "
+              "teacher-forced passes.")
 @click.option("--no-save", is_flag=True, help="Do not store the result in the checkpoint's config.")
 @device_options
 @json_option
 @click.pass_context
 def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, tasks_per_category, batch_size,
-            threshold, skip_layers, max_kl, min_top1, min_retention, min_greedy_match, no_save, device, dtype, as_json):
+            threshold, skip_layers, max_kl, min_top1, min_retention, min_greedy_match, yardstick, no_save, device, dtype,
+            as_json):
     from pathlib import Path
 
+    from ..checkpoint import weights_digest
     from ..errors import BadInput
     from ..evaluate import Thresholds, evaluate, store
     from ..hub import looks_like_hub_id
@@ -66,6 +73,9 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
 
     if data is not None and not Path(data).is_file():  # checked before the slow load
         raise BadInput(f"no such data file: {data}", "pass a .jsonl or .txt file to --data")
+    # The weights as they are now, before loading: what the stored verdict is about, even if the file changes
+    # while the evaluation runs (`flexi push` compares it with the file it would upload).
+    digest = None if looks_like_hub_id(model_dir) or not Path(model_dir).is_dir() else weights_digest(Path(model_dir))
     console = stderr_console()
     with console.status(f"loading {model_dir}..."):
         fm = FlexiModel.load(model_dir, device=device, dtype=dtype)
@@ -86,7 +96,7 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
     result = _run_with_progress(console, lambda progress: evaluate(
         fm, data=texts, max_samples=max_samples, seq_len=seq_len, n_prompts=n_prompts, new_tokens=new_tokens,
         tasks_per_category=tasks_per_category, batch_size=batch_size, thresholds=thresholds, routing=routing,
-        progress=progress))
+        progress=progress, yardstick=yardstick))
     result["data"] = str(data) if data else "built-in held-out"
     # Stored only for the checkpoint as it is configured: its card must not show another threshold's numbers.
     if no_save:
@@ -96,7 +106,7 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
     elif looks_like_hub_id(model_dir):
         console.print(f"[dim]{model_dir} is a Hub checkpoint: the result is not stored[/dim]")
     else:
-        store(fm.path, result)
+        store(fm.path, result, weights_sha256=digest)
     if as_json:
         emit_json(result)
     else:
@@ -119,7 +129,9 @@ def _routed_subset(fm, spec: str) -> list[int]:
     return layers
 
 
-def _run_with_progress(console, work):
+def _run_with_progress(console, work, transient_stages=()):
+    """work(progress) under one bar per stage; the bars of `transient_stages` vanish when work ends (so an error
+    line after them stays the only line), the others stay as a record of what ran."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -131,7 +143,12 @@ def _run_with_progress(console, work):
                 ids[stage] = bar.add_task(stage, total=total)
             bar.update(ids[stage], completed=done)
 
-        return work(progress)
+        try:
+            return work(progress)
+        finally:
+            for stage in transient_stages:
+                if stage in ids:
+                    bar.remove_task(ids[stage])
 
 
 def _fmt(value, pct=False):
@@ -159,7 +176,8 @@ def _print_report(r: dict) -> None:
     table = Table(title=f"flexi eval: routed vs original ({r['texts']} texts, {r['scored_tokens']} tokens)")
     for col in ("metric", "value", "threshold", ""):
         table.add_column(col)
-    rows = [("KL(original||routed) / token", "kl", False), ("top-1 agreement", "top1_agreement", True),
+    rows = [("KL(original||routed) / token", "kl", False), ("KL 99th percentile", "kl_p99", False),
+            ("top-1 agreement", "top1_agreement", True),
             ("greedy exact match", "greedy_match", True), ("task retention", "retention", True)]
     for label, key, pct in rows:
         table.add_row(label, _fmt(r.get(key), pct), *verdict(key, pct))
@@ -170,6 +188,12 @@ def _print_report(r: dict) -> None:
     table.add_row("mean skipped layers / token",
                   f"{r['mean_skipped_layers']:.2f} of {len(r['per_layer_skip_rate'])}", "", "")
     out.print(table)
+    if r.get("yardstick"):
+        ys = r["yardstick"]
+        out.print(f"yardstick: routed KL {_fmt(r['kl'])} is [bold]{r['yardstick_place']}[/bold] "
+                  f"(int8: KL {_fmt(ys['int8']['kl'])}, p99 {_fmt(ys['int8']['kl_p99'])}, top-1 "
+                  f"{_fmt(ys['int8']['top1_agreement'], True)}; int4 g32: KL {_fmt(ys['int4']['kl'])}, p99 "
+                  f"{_fmt(ys['int4']['kl_p99'])}, top-1 {_fmt(ys['int4']['top1_agreement'], True)})")
     out.print("skip rate per routed layer: " + "  ".join(
         f"{layer}:{100 * rate:.0f}%" for layer, rate in r["per_layer_skip_rate"].items()))
     if r.get("task_scores"):
