@@ -47,7 +47,7 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
         raise BadInput("--skip-target is required", "e.g. flexi train --skip-target 4")
     settings.setdefault("skip_target", 0)
     cfg = TrainConfig.from_dict(settings)
-    cfg.check(10**6)  # ranges that do not need the model; the layer count is checked after loading
+    cfg.check()  # before the slow load: what does not need the model; train() checks the layer count
     console = stderr_console()
     dist = distributed.init(device)  # torchrun / accelerate launch: this rank's device; else device as given
     with console.status(f"loading {model_dir}..."):
