@@ -16,13 +16,6 @@ def ckpt(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("badckpt"))  # 4 layers, hidden 64, routes layers 2 and 3
 
 
-@pytest.fixture(autouse=True)
-def no_loading_bar(monkeypatch):
-    """`flexi` turns transformers' progress bars off before transformers is imported; in this process it was imported
-    earlier (conftest), so turn its "Loading weights" bar off here as a fresh `flexi` process would have it."""
-    monkeypatch.setattr("transformers.utils.logging._tqdm_active", False)
-
-
 def flexi(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
