@@ -89,7 +89,7 @@ class TrainConfig:
 
 
 def recipes_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ folder
+    return Path(__file__).resolve().parent / "recipes"  # inside the package: an installed wheel has them too
 
 
 def load_recipe(name_or_file: str) -> dict:
