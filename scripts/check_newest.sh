@@ -32,7 +32,7 @@ elif command -v nvidia-smi >/dev/null 2>&1 || [ -z "${TORCH_CPU_INDEX-https://do
 else
   pip install --extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" torch || exit 1
 fi
-TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)")
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null)  # (warns: no numpy yet)
 
 # The lock without the floated packages, plus the torch just installed so that nothing replaces it.
 CONS="$VENV/constraints.txt"
