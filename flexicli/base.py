@@ -36,14 +36,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise BadInput(f"unknown dtype {dtype!r}", f"use one of: {', '.join(table)}")
-    return table[dtype]
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r}", f"use one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def embedded_gguf() -> Path:

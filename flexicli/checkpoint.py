@@ -70,6 +70,39 @@ class FlexiConfig:
             raise CheckpointError(f"{CONFIG_FILE} lacks {missing}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def check(self, where: str = CONFIG_FILE) -> "FlexiConfig":
+        """What a hand-edited or damaged config can get wrong, each as one CheckpointError naming the field; the
+        checks that need the base model are FlexiModel.check_base's."""
+        from .base import DTYPES
+
+        def bad(what: str):
+            raise CheckpointError(f"{where}: {what}", "restore the file or convert again")
+
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.parts, dict) or not isinstance(self.parts.get("layers"), str):
+            bad(f"parts must be an object whose 'layers' names where the decoder layers live, not {self.parts!r}")
+        for name in ("num_layers", "hidden_size", "adapter_dim", "router_reduction"):
+            if not whole(getattr(self, name)) or getattr(self, name) < 1:
+                bad(f"{name} must be a whole number >= 1, not {getattr(self, name)!r}")
+        r = self.routed_layers
+        if not isinstance(r, list) or not r or not all(whole(i) for i in r):
+            bad(f"routed_layers must be a non-empty list of layer numbers, not {r!r}")
+        outside = [i for i in r if not 0 <= i < self.num_layers]
+        if outside:
+            bad(f"routed layers {outside} are outside 0..{self.num_layers - 1} (the base's layers)")
+        if r != sorted(set(r)):  # decisions are recorded in layer order and labelled with this list
+            bad(f"routed_layers {r} must be increasing, without repeats")
+        t = self.threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 1:
+            bad(f"threshold must be a number in [0, 1], not {t!r}")
+        if self.gate_mode not in ("ste", "scale"):
+            bad(f"gate_mode must be 'ste' or 'scale', not {self.gate_mode!r}")
+        if self.dtype not in DTYPES:
+            bad(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+        return self
+
 
 def fingerprint(model: torch.nn.Module) -> str:
     """A fingerprint of the base weights that ignores flexicli's own parameters and the dtype the base was
@@ -226,7 +259,7 @@ def read_config(folder: Path) -> FlexiConfig:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} config")
-    return FlexiConfig.from_dict(data)
+    return FlexiConfig.from_dict(data).check(str(path))
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

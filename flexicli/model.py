@@ -100,6 +100,23 @@ class FlexiModel:
             dtype=str(ref.dtype).removeprefix("torch."))
         return cls._install(model, tokenizer, config)
 
+    @staticmethod
+    def check_base(config: FlexiConfig, model: nn.Module) -> None:
+        """The checkpoint's config against the base model it names, before any layer is wrapped (FlexiConfig.check
+        has already checked what needs no base)."""
+        where = f"{config.base_model!r}"
+        layers = _get(model, config.parts["layers"])
+        if not isinstance(layers, nn.ModuleList):
+            raise CheckpointError(f"the base {where} has no decoder layers at {config.parts['layers']!r} "
+                                  "(the checkpoint's parts.layers)", "convert again on this base")
+        if len(layers) != config.num_layers:
+            raise CheckpointError(f"the checkpoint is for a base with {config.num_layers} layers; {where} has "
+                                  f"{len(layers)}", "convert again on this base")
+        hidden, _ = _sizes(model.config)
+        if hidden != config.hidden_size:
+            raise CheckpointError(f"the checkpoint's hidden_size is {config.hidden_size}; {where} has {hidden}",
+                                  "convert again on this base")
+
     @classmethod
     def _install(cls, model, tokenizer, config: FlexiConfig) -> "FlexiModel":
         parts = LayerParts.from_dict(config.parts)
@@ -191,6 +208,7 @@ class FlexiModel:
                 f"the base model {config.base_model!r} does not match this checkpoint "
                 f"(fingerprint {found[:12]} != {config.base_fingerprint[:12]})",
                 "its weights changed since `flexi convert`; convert and train again on this base")
+        cls.check_base(config, model)
         fm = cls._install(model, tokenizer, config)
         ref = next(model.parameters())
         fm.load_flexi_state_dict({k: v.to(ref.device, ref.dtype) for k, v in tensors.items()})

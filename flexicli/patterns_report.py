@@ -1,5 +1,5 @@
 """The pictures of `flexi patterns`: a self-contained HTML report (inline SVG, inline CSS, no scripts, nothing
-fetched when it is viewed) and PNG figures drawn with matplotlib."""
+fetched when it is viewed) and PNG figures drawn with matplotlib (when installed)."""
 
 from __future__ import annotations
 
@@ -154,7 +154,14 @@ A token is coloured by the layers that processed it (the decode step that consum
 
 # ---- PNG figures (matplotlib) ---------------------------------------------------------------------------------
 def save_figures(folder: Path, analysis) -> list[str]:
-    import matplotlib
+    """Writes the PNG figures and returns their names; none without matplotlib, which is optional (the `plots`
+    extra): the HTML report draws the same charts without it."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":  # matplotlib is there but broken: say so rather than skip the figures
+            raise
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -71,8 +71,11 @@ class TrainConfig:
             raise BadInput(f"unknown training settings {unknown}", f"known: {', '.join(sorted(known))}")
         return cls(**d)
 
-    def check(self, num_routed: int) -> None:
-        if not 0 <= self.skip_target <= num_routed:
+    def check(self, num_routed: int | None = None) -> None:
+        """`num_routed` None: only what can be checked before the model is loaded (the CLI checks flags early)."""
+        if self.skip_target < 0:
+            raise BadInput(f"--skip-target {self.skip_target} is negative", "it is a count of layers to skip")
+        if num_routed is not None and self.skip_target > num_routed:
             raise BadInput(f"--skip-target {self.skip_target} is outside 0..{num_routed} (the routed layers)")
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
@@ -93,7 +96,7 @@ class TrainConfig:
 
 
 def recipes_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ folder
+    return Path(__file__).resolve().parent / "recipes"  # inside the package: an installed wheel has them too
 
 
 def load_recipe(name_or_file: str) -> dict:

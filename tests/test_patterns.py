@@ -1,7 +1,9 @@
 """flexi patterns: every output is written, agrees with the recorded tokens, and the HTML fetches nothing."""
 
+import importlib.util
 import json
 import re
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +14,9 @@ from flexicli.patterns import Prompt, TokenRecord, analyse, builtin_prompts, rea
 from flexicli.patterns_report import _tint
 from tiny_text import NUM_LAYERS, ROUTED, tiny_checkpoint
 
-OUTPUTS = ["report.html", "layer_usage.png", "category_layers.png", "tokens.jsonl", "summary.json"]
+OUTPUTS = ["report.html", "tokens.jsonl", "summary.json"]
+PNGS = ["layer_usage.png", "category_layers.png"]  # only with matplotlib (the optional `plots` extra)
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,8 @@ def test_patterns_writes_everything_consistently(ckpt, prompts_file, tmp_path):
     r = flexi("patterns", "-m", str(ckpt), "-o", str(out), "--prompts", str(prompts_file), "--max-new-tokens", "6",
               "--threshold", "0.5", "--json")
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    pngs = PNGS if HAVE_MATPLOTLIB else []
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS + pngs)
     records = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     assert {r["category"] for r in records} == {"alpha", "beta"} and "b1" in {r["prompt_id"] for r in records}
     for rec in records:
@@ -49,7 +54,7 @@ def test_patterns_writes_everything_consistently(ckpt, prompts_file, tmp_path):
     for j, layer in enumerate(ROUTED):  # the bowl is the mean of the recorded decisions
         assert summary["layer_usage"][layer] == pytest.approx(sum(r["decisions"][j] for r in records) / len(records))
     assert summary["layer_usage"][0] == 1.0
-    for png in ("layer_usage.png", "category_layers.png"):
+    for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     html = (out / "report.html").read_text()
@@ -61,6 +66,19 @@ def test_patterns_writes_everything_consistently(ckpt, prompts_file, tmp_path):
     assert [int(n) for _, n in spans] == [r["layers_used"] for r in records]
     fewest = NUM_LAYERS - len(ROUTED)
     assert all(c == _tint(depth_colour(int(n), fewest, NUM_LAYERS)) for c, n in spans)
+
+
+def test_without_matplotlib_the_report_and_tokens_are_still_written(ckpt, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails as if it were not installed
+    out = tmp_path / "pat"
+    r = flexi("patterns", "-m", str(ckpt), "-o", str(out), "--prompts", str(prompts_file), "--max-new-tokens", "4",
+              "--json")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    assert json.loads(r.stdout)["files"] == ["report.html", "tokens.jsonl", "summary.json"]
+    assert (out / "tokens.jsonl").read_text().strip() and "<svg" in (out / "report.html").read_text()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'flexicli[plots]'" in lines[0], r.stderr
 
 
 def test_existing_output_and_bad_prompts_leave_nothing_behind(ckpt, prompts_file, tmp_path):

@@ -265,7 +265,10 @@ def test_push_errors_are_one_line_and_push_nothing(ckpt, hub, tmp_path):
 
 
 def test_hub_error_lines():
-    import httpx2 as httpx  # what huggingface_hub 2.x speaks HTTP with
+    try:
+        import httpx2 as httpx  # what huggingface_hub 2.x speaks HTTP with
+    except ModuleNotFoundError:
+        import httpx  # huggingface_hub 1.x (e.g. beside transformers 5.17, which requires huggingface_hub<2)
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     from flexicli.errors import BadInput, Failure

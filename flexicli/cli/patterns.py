@@ -11,7 +11,8 @@ from .common import device_options, emit_json, json_option, model_option, stderr
                short_help="Which tokens need depth: per-layer usage, per-category means, HTML report + dataset.",
                help="Greedy generations on the built-in task categories (or --prompts FILE) with every "
                "token's routing decisions recorded. Writes OUT/: report.html (self-contained), layer_usage.png, "
-               "category_layers.png, tokens.jsonl (one record per generated token), summary.json.")
+               "category_layers.png (PNGs need matplotlib: pip install 'flexicli[plots]'), "
+               "tokens.jsonl (one record per generated token), summary.json.")
 @model_option
 @click.option("--base", "base", default=None, metavar="MODEL",
               help="No checkpoint: analyse this base model (every token uses every layer).")
@@ -56,6 +57,9 @@ def command(model_dir, base, output, prompts_file, categories, per_category, max
     meta = {"model": lm.source, "threshold": lm.threshold if threshold is None else threshold,
             "prompts": prompts_file or "built-in task categories", "max_new_tokens": max_new_tokens}
     folder, figures = write_outputs(output, records, analysis, meta, prompts, overwrite=force)
+    if not figures:
+        err.print("no PNG figures: they need matplotlib (pip install 'flexicli[plots]'); report.html has the same "
+                  "charts", markup=False, soft_wrap=True)
 
     summary = {"output": str(folder), "files": ["report.html", *figures, "tokens.jsonl", "summary.json"],
                "tokens": analysis.tokens, "mean_layers_used": analysis.mean_layers_used,
