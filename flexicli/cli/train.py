@@ -11,7 +11,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.command("train", help="Distil the routed model against the original model under a layer budget.")
 @model_option
 @click.option("--skip-target", type=float, default=None, help="Mean layers to skip per token (required unless the recipe sets it).")
-@click.option("--data", default=None, help="selfgen (default: the model's own answers to built-in prompts) | prompts | PATH (.jsonl with messages, text or input_ids per line; .txt) | Hub dataset id. input_ids rows (token ids, packed as given) train a model that has no tokenizer.")
+@click.option("--data", default=None, help="mix (default: the model's own answers to built-in prompts, about half the rows, and documentation of installed packages) | selfgen | docs | prompts | PATH (.jsonl with messages, text or input_ids per line; .txt) | Hub dataset id. input_ids rows (token ids, packed as given) train a model that has no tokenizer.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default 250).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch (default 4).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimiser step (default 1).")
