@@ -202,8 +202,23 @@ class FlexiLayer(nn.Module):
         if state.checkpointing and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(self._routed_forward, hidden_states, *args, use_reentrant=False, **kwargs)
-        return self._routed_forward(hidden_states, *args, **kwargs)
+            out = checkpoint(self._routed_forward, hidden_states, *args, use_reentrant=False, **kwargs)
+        else:
+            out = self._routed_forward(hidden_states, *args, **kwargs)
+        return self._replay_base_hooks(hidden_states, args, kwargs, out) if self.base_layer._forward_hooks else out
+
+    def _replay_base_hooks(self, hidden_states, args, kwargs, out):
+        """transformers records `output_hidden_states` (and other outputs) with forward hooks on the decoder-layer
+        class, so on `base_layer`, which the routed path never calls: without this the routed layers' entries would
+        silently be missing from the tuple. Their hooks see this layer's input and output instead."""
+        base = self.base_layer
+        for key, hook in list(base._forward_hooks.items()):
+            if key in base._forward_hooks_with_kwargs:
+                res = hook(base, (hidden_states, *args), kwargs, out)
+            else:
+                res = hook(base, (hidden_states, *args), out)
+            out = out if res is None else res
+        return out
 
     def _routed_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         state = self.state

@@ -111,3 +111,23 @@ def test_unknown_family_names_what_it_looked_for():
         FlexiModel.wrap(fm.model, parts=LayerParts())
     with pytest.raises(UnsupportedModel, match="no part 'feed_forward'"):
         FlexiModel.wrap(tiny_model("llama"), parts=LayerParts(mlp="feed_forward"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_output_hidden_states_include_the_routed_layers(family):
+    """transformers records hidden states with hooks on its decoder-layer class; a routed layer must still appear."""
+    from conftest import tiny_model
+    from flexicli.model import FlexiModel
+
+    original = tiny_model(family)
+    fm = FlexiModel.wrap(copy.deepcopy(original), routed_layers=[1], base_model="tiny")
+    x = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = original(x, output_hidden_states=True).hidden_states
+        got = fm.model(x, output_hidden_states=True).hidden_states  # routed: fresh routers run every token
+        with fm.routing("skip"):
+            skipped = fm.model(x, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == len(skipped)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-5
+    assert not torch.allclose(skipped[-1], want[-1])  # the skipped layer's entry is its own output, not the original's
