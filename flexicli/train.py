@@ -37,7 +37,7 @@ METRICS = "metrics.jsonl"
 @dataclass
 class TrainConfig:
     skip_target: float
-    steps: int = 250  # with the defaults below, about 60 min on a 2-core CPU for SmolLM2, data preparation included
+    steps: int = 300
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256
@@ -47,16 +47,16 @@ class TrainConfig:
     warmup: int = 20
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     seed: int = 0
-    data: str = "mix"  # selfgen | prompts | docs | mix (selfgen + docs) | PATH (.jsonl/.txt) | Hub dataset id
+    data: str = "selfgen"  # selfgen | prompts | docs | mix (selfgen + docs) | PATH (.jsonl/.txt) | Hub dataset id
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
-    budget: str = "threshold"  # threshold: quantile (objectives.BudgetThreshold) | penalty: PI-controlled Lagrange term
-    router_init: str = "influence"  # influence: routers fitted to token-level layer influence (router_init.py) | none
-    adapter_init: str = "fit"  # fit: adapters fitted to each layer's update before step 0 (adapter_init.py) | none
+    budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile
+    router_init: str = "none"  # none: fresh routers | influence: fit them to token-level layer influence (router_init.py)
+    adapter_init: str = "none"  # none: fresh adapters (add nothing) | fit: fitted to each layer's update before step 0 (adapter_init.py)
     ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
-    eval_every: int = 80
+    eval_every: int = 50
     eval_rows: int = 8
-    save_every: int = 80
+    save_every: int = 50
     gradient_checkpointing: bool = True  # measured: peak RSS 1.12x the frozen model's, against 1.60x without (README)
     calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
     selfgen_tokens: int = 96
