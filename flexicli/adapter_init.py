@@ -21,28 +21,16 @@ import torch
 from torch import nn
 
 
-@torch.no_grad()
 def layer_pairs(fm, rows: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per routed layer: adapter inputs x and targets h_out - h_in ([tokens, hidden] each), original model."""
-    device = next(fm.model.parameters()).device
-    xs, ys = [[] for _ in fm.layers], [[] for _ in fm.layers]
-    handles = []
-    for i, layer in enumerate(fm.layers):
-        def grab(module, args, kwargs, out, i=i):
-            h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
-            h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
-            norm = module._part(module.parts.mlp_norm)
-            xs[i].append((norm(h_in) if norm is not None else h_in).float().cpu())
-            ys[i].append((h_out - h_in).float().cpu())
-        handles.append(layer.register_forward_hook(grab, with_kwargs=True))
-    try:
-        with fm.routing("full"):
-            for i in range(0, rows.shape[0], batch_size):
-                fm.model(input_ids=rows[i:i + batch_size].to(device), use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.cat(x) for x in xs], [torch.cat(y) for y in ys]
+    from .teacher import around_routed_layers
+
+    def grab(module, h_in, h_out):
+        norm = module._part(module.parts.mlp_norm)
+        return (norm(h_in) if norm is not None else h_in), h_out - h_in
+
+    pairs = around_routed_layers(fm, rows, grab, batch_size)
+    return [x for x, _ in pairs], [y for _, y in pairs]
 
 
 def _neuron_init(adapter: nn.Module, mlp: nn.Module, x: torch.Tensor) -> bool:

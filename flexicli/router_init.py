@@ -18,28 +18,17 @@ import torch
 from torch import nn
 
 
-@torch.no_grad()
 def layer_influence(fm, rows: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Router inputs z per routed layer ([tokens, hidden] each) and influence [tokens, routed layers]."""
-    device = next(fm.model.parameters()).device
-    zs, scores = [[] for _ in fm.layers], [[] for _ in fm.layers]
-    handles = []
-    for i, layer in enumerate(fm.layers):
-        def grab(module, args, kwargs, out, i=i):
-            h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
-            h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
-            norm = module._part(module.parts.attn_norm)
-            zs[i].append((norm(h_in) if norm is not None else h_in).float().cpu())
-            scores[i].append((1 - nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)).cpu())
-        handles.append(layer.register_forward_hook(grab, with_kwargs=True))
-    try:
-        with fm.routing("full"):
-            for i in range(0, rows.shape[0], batch_size):
-                fm.model(input_ids=rows[i:i + batch_size].to(device), use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.cat(z) for z in zs], torch.stack([torch.cat(s) for s in scores], dim=-1)
+    from .teacher import around_routed_layers
+
+    def grab(module, h_in, h_out):
+        norm = module._part(module.parts.attn_norm)
+        z = norm(h_in) if norm is not None else h_in
+        return z, 1 - nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+
+    got = around_routed_layers(fm, rows, grab, batch_size)
+    return [z for z, _ in got], torch.stack([s for _, s in got], dim=-1)
 
 
 def target_logits(influence: torch.Tensor, skip_target: float, spread: float = 1.0) -> torch.Tensor:

@@ -49,6 +49,30 @@ def start_at_first_routed(fm, hidden: torch.Tensor):
             layers[i] = layer
 
 
+@torch.no_grad()
+def around_routed_layers(fm, rows: torch.Tensor, grab, batch_size: int = 8) -> list[list[torch.Tensor]]:
+    """Run the original model (routing off) over `rows`; at every routed layer call grab(layer, h_in, h_out) with the
+    residual stream around it ([tokens, hidden] each) and keep what it returns (a tuple of tensors). Returns, per
+    routed layer, each returned tensor concatenated over all tokens."""
+    device = next(fm.model.parameters()).device
+    got = [[] for _ in fm.layers]
+    handles = []
+    for i, layer in enumerate(fm.layers):
+        def hook(module, args, kwargs, out, i=i):
+            h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
+            h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
+            got[i].append(tuple(x.float().cpu() for x in grab(module, h_in, h_out)))
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with fm.routing("full"):
+            for i in range(0, rows.shape[0], batch_size):
+                fm.model(input_ids=rows[i:i + batch_size].to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return [[torch.cat(parts) for parts in zip(*per_layer)] for per_layer in got]
+
+
 def cache_bytes(fm, rows: torch.Tensor) -> int:
     ref = next(fm.model.parameters())
     return 2 * rows.numel() * fm.config.hidden_size * ref.element_size()
