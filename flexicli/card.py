@@ -135,7 +135,8 @@ def _training(config: FlexiConfig) -> list[str]:
     out = ["", "## Training", ""]
     if t.get("command"):
         out += ["```", str(t["command"]), "```", ""]
-    rows = [(k, v) for k, v in _scalars(t) if k != "command"]
+    # sorted: a resumed run reads its training record back from sorted JSON, and its card must match an unbroken run's
+    rows = sorted(((k, v) for k, v in _scalars(t) if k != "command"), key=lambda kv: kv[0])
     out += ["| setting | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
     return out
 
