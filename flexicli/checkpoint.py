@@ -53,6 +53,8 @@ class FlexiConfig:
     threshold: float = 0.5
     gate_mode: str = "ste"
     dtype: str = "float32"
+    skip_unit: str = "layer"  # layer | module | mlp (flexicli/units.py); configs from before skip units: layer
+    router: str = "flexidepth"  # flexidepth (bottleneck) | linear
     format: str = FORMAT
     training: dict | None = None
     eval: dict | None = None
@@ -99,6 +101,9 @@ class FlexiConfig:
             bad(f"threshold must be a number in [0, 1], not {t!r}")
         if self.gate_mode not in ("ste", "scale"):
             bad(f"gate_mode must be 'ste' or 'scale', not {self.gate_mode!r}")
+        from .units import check_choice
+
+        check_choice(self.skip_unit, self.router, CheckpointError)
         if self.dtype not in DTYPES:
             bad(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
         return self
@@ -110,7 +115,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     and any real change to a tensor (fine-tuning, another checkpoint) shows up."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if ".router." in name or ".adapter." in name:
+        if ".router." in name or ".adapter." in name or re.search(r"\.\d+\.(attn|mlp)_router\.", name):
             continue
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).view(torch.int16).cpu()

@@ -8,19 +8,23 @@ from .base import load_base
 from .errors import CheckpointError
 from .families import LayerParts
 from .model import FlexiModel, parse_layers
+from .units import check_choice
 
 
 def convert(model: str | None = None, output: str | Path = "flexi-model", layers: str | None = None,
             dtype: str | None = None, device: str | None = None, parts: LayerParts | None = None,
-            gate_mode: str = "ste", overwrite: bool = False, trust_remote_code: bool = False) -> FlexiModel:
-    """Returns the converted model, already saved to `output`."""
+            gate_mode: str = "ste", overwrite: bool = False, trust_remote_code: bool = False,
+            skip_unit: str = "layer", router: str = "flexidepth") -> FlexiModel:
+    """Returns the converted model, already saved to `output`. `skip_unit`, `router`: flexicli/units.py."""
+    check_choice(skip_unit, router)  # before the slow load
     output = Path(output)
     if output.exists() and not overwrite:  # checked before the slow load; save() checks again
         raise CheckpointError(f"{output} already exists", "choose another -o/--output or pass --force")
     hf_model, tokenizer, info = load_base(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     n = hf_model.config.num_hidden_layers if hasattr(hf_model.config, "num_hidden_layers") else hf_model.config.n_layer
     fm = FlexiModel.wrap(hf_model, tokenizer, routed_layers=parse_layers(layers, n), parts=parts,
-                         base_model=info.base_model, base_revision=info.revision, gate_mode=gate_mode)
+                         base_model=info.base_model, base_revision=info.revision, gate_mode=gate_mode,
+                         skip_unit=skip_unit, router=router)
     fm.path = fm.save(output, overwrite=overwrite)
     return fm
 
@@ -37,6 +41,9 @@ def summary(fm: FlexiModel) -> dict:
         "trainable_parameters": trainable,
         "base_parameters": base,
         "trainable_share": trainable / base,
+        "skip_unit": fm.config.skip_unit,
+        "router": fm.config.router,
+        "skip_capacity": round(fm.capacity, 4),  # the most layer-equivalents a token can skip
         "dtype": fm.config.dtype,
         "output": str(fm.path) if fm.path else None,
     }

@@ -17,6 +17,9 @@ Without gradients (inference) the layer takes the fast path: a skipped token com
 router and the adapter; queries, attention and MLP run for the gathered running tokens (flexicli/fastpath.py,
 same logits as the reference path, tests/test_fastpath.py). `RoutingState.fast_path = False` forces the
 reference path.
+
+That is the `layer` skip unit (FlexiDepth). The `module` and `mlp` units (Learning to Skip: a router per attention
+and/or MLP sublayer) are flexicli/module_routing.py; what each unit saves, in layer-equivalents, flexicli/units.py.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from torch import nn
 
 from .families import LayerParts
 from .fastpath import partial_attention, plan_for
+from .module_routing import ModuleRouting
+from .units import ROUTER_ATTR, SKIP_UNITS, make_router, unit_costs, unit_key
 
 # Block arguments that belong to the block, not to its self-attention (GPT-2's cross-attention inputs).
 _BLOCK_ONLY_ARGS = ("encoder_hidden_states", "encoder_attention_mask")
@@ -169,20 +174,33 @@ class RoutingState:
     MODES: tuple = field(default=("routed", "full", "run", "skip", "fixed"), repr=False)
 
 
-class FlexiLayer(nn.Module):
-    """Wraps one decoder layer. The original layer stays as `base_layer`, its weights untouched."""
+class FlexiLayer(ModuleRouting, nn.Module):
+    """Wraps one decoder layer. The original layer stays as `base_layer`, its weights untouched. `skip_unit`
+    (flexicli/units.py): `layer` routes the whole layer (this module's docstring), `module` and `mlp` route its
+    sublayers (flexicli/module_routing.py)."""
 
     def __init__(self, base_layer: nn.Module, parts: LayerParts, layer_index: int, state: RoutingState,
-                 hidden: int, adapter_dim: int, router_reduction: int = 16, router_init_bias: float = 0.1):
+                 hidden: int, adapter_dim: int, router_reduction: int = 16, router_init_bias: float = 0.1,
+                 skip_unit: str = "layer", router: str = "flexidepth"):
         super().__init__()
         self.base_layer = base_layer
         self.parts = parts
         self.layer_index = layer_index
         self.state = state
+        self.skip_unit = skip_unit
+        self.units = SKIP_UNITS[skip_unit]  # ("layer",) | ("attn", "mlp") | ("mlp",): what the routers decide over
         ref = next(base_layer.parameters())
-        self.router = Router(hidden, router_reduction, router_init_bias).to(ref.device, ref.dtype)
+        for unit in self.units:  # `router` (layer) | `attn_router`, `mlp_router` (module) | `mlp_router` (mlp)
+            setattr(self, ROUTER_ATTR[unit], make_router(router, hidden, router_reduction, router_init_bias).to(
+                ref.device, ref.dtype))
         self.adapter = Adapter(hidden, adapter_dim).to(ref.device, ref.dtype)
+        self.costs = unit_costs(base_layer, parts.attn, parts.mlp, skip_unit)  # layer-equivalents saved per unit
         self._signature = inspect.signature(base_layer.forward)
+
+    @property
+    def routers(self) -> dict[str, nn.Module]:
+        """{unit: its router}, in the order the layer consults them."""
+        return {u: getattr(self, ROUTER_ATTR[u]) for u in self.units}
 
     def _part(self, name: str | None):
         return getattr(self.base_layer, name) if name else None
@@ -234,15 +252,24 @@ class FlexiLayer(nn.Module):
 
         attn_norm = self._part(self.parts.attn_norm)
         z = attn_norm(hidden_states) if attn_norm is not None else hidden_states
-        w = self.router(z) if torch.is_grad_enabled() else self.router.infer(z)
-        run = self._decisions(w)
-        if state.records is not None:
-            state.records.append((self.layer_index, run.detach()))
-        if state.gates is not None:
-            state.gates.append((self.layer_index, w, run))
+        if self.skip_unit != "layer":
+            return self._unit_forward(hidden_states, z, call)
+        w, run = self._gate("layer", z)
         if state.fast_path and state.gates is None and not torch.is_grad_enabled():
             return self._fast_forward(hidden_states, z, w, run, call)
         return self._reference_forward(hidden_states, z, w, run, call)
+
+    def _gate(self, unit: str, z: torch.Tensor):
+        """The unit's router on its input: (gate w, decisions run), recorded for RoutingState's collectors."""
+        state, router = self.state, getattr(self, ROUTER_ATTR[unit])
+        w = router(z) if torch.is_grad_enabled() else router.infer(z)
+        run = self._decisions(w)
+        key = unit_key(self.layer_index, unit)
+        if state.records is not None:
+            state.records.append((key, run.detach()))
+        if state.gates is not None:
+            state.gates.append((key, w, run, self.costs[unit]))
+        return w, run
 
     def _reference_forward(self, hidden_states, z, w, run, call):
         """Every token computes attention; a skipped token's output is dropped. Used for training (the

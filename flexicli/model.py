@@ -17,6 +17,7 @@ from .checkpoint import FlexiConfig, fingerprint, read_config, read_weights, wri
 from .errors import CheckpointError, UnsupportedModel
 from .families import LayerParts, parts_for
 from .layer import FlexiLayer, RoutingState
+from .units import check_choice, unit_key, unit_label
 
 
 def _get(root: nn.Module, dotted: str):
@@ -68,7 +69,7 @@ class FlexiModel:
     def wrap(cls, model: nn.Module, tokenizer=None, routed_layers=None, parts: LayerParts | None = None,
              base_model: str = "unknown", base_revision: str | None = None, adapter_reduction: int = 16,
              router_reduction: int = 16, router_init_bias: float = 0.1, threshold: float = 0.5,
-             gate_mode: str = "ste") -> "FlexiModel":
+             gate_mode: str = "ste", skip_unit: str = "layer", router: str = "flexidepth") -> "FlexiModel":
         """Wrap the layers in place. Every check runs before the model is touched."""
         model_type = getattr(model.config, "model_type", "?")
         parts = parts or parts_for(model_type)
@@ -89,6 +90,7 @@ class FlexiModel:
                     "pass LayerParts(...) with this model's names")
         if gate_mode not in ("ste", "scale"):
             raise UnsupportedModel(f"gate_mode must be 'ste' or 'scale', not {gate_mode!r}")
+        check_choice(skip_unit, router)
 
         hidden, inter = _sizes(model.config)
         ref = next(model.parameters())
@@ -97,7 +99,7 @@ class FlexiModel:
             model_type=model_type, parts=parts.to_dict(), num_layers=len(layers), routed_layers=routed,
             hidden_size=hidden, adapter_dim=max(1, inter // adapter_reduction), router_reduction=router_reduction,
             router_init_bias=router_init_bias, threshold=threshold, gate_mode=gate_mode,
-            dtype=str(ref.dtype).removeprefix("torch."))
+            dtype=str(ref.dtype).removeprefix("torch."), skip_unit=skip_unit, router=router)
         return cls._install(model, tokenizer, config)
 
     @staticmethod
@@ -125,7 +127,7 @@ class FlexiModel:
         model.requires_grad_(False)
         for i in config.routed_layers:
             layers[i] = FlexiLayer(layers[i], parts, i, state, config.hidden_size, config.adapter_dim,
-                                   config.router_reduction, config.router_init_bias)
+                                   config.router_reduction, config.router_init_bias, config.skip_unit, config.router)
         return cls(model, tokenizer, config, state)
 
     # ---- parts ----------------------------------------------------------------------------------------------
@@ -133,16 +135,49 @@ class FlexiModel:
     def layers(self) -> list[FlexiLayer]:
         return [m for m in _get(self.model, self.config.parts["layers"]) if isinstance(m, FlexiLayer)]
 
+    @staticmethod
+    def _trained_parts(layer: FlexiLayer) -> list[str]:
+        """Attribute names of a layer's trained modules: its routers (units.ROUTER_ATTR), then the adapter."""
+        return [name for name, m in layer.named_children() if name.endswith("router")] + ["adapter"]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for m in (layer.router, layer.adapter) for p in m.parameters()]
+        return [p for layer in self.layers for part in self._trained_parts(layer)
+                for p in getattr(layer, part).parameters()]
 
     def flexi_state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
         for layer in self.layers:
-            for part in ("router", "adapter"):
+            for part in self._trained_parts(layer):
                 for k, v in getattr(layer, part).state_dict().items():
                     out[f"layers.{layer.layer_index}.{part}.{k}"] = v
         return out
+
+    # ---- routed units and their cost (flexicli/units.py) ------------------------------------------------------
+    @property
+    def unit_keys(self) -> list:
+        """One key per routed unit, in the order a forward pass decides them: the layer index (skip unit `layer`)
+        or (layer index, 'attn' | 'mlp')."""
+        return [unit_key(layer.layer_index, u) for layer in self.layers for u in layer.units]
+
+    @property
+    def unit_labels(self) -> list[str]:
+        """The unit keys as report keys: '17' or '17.attn'."""
+        return [unit_label(k) for k in self.unit_keys]
+
+    @property
+    def unit_costs(self) -> list[float]:
+        """Layer-equivalents a token saves by skipping each unit (1.0 each for skip unit `layer`)."""
+        return [layer.costs[u] for layer in self.layers for u in layer.units]
+
+    @property
+    def capacity(self) -> float:
+        """The most layer-equivalents a token can skip: the routed layers for `layer` and `module`, less for `mlp`
+        (its attention always runs)."""
+        return float(sum(self.unit_costs))
+
+    def layer_equivalents(self, skipped_per_unit) -> float:
+        """Skip counts (or rates) per unit -> layer-equivalents (unit_costs-weighted sum)."""
+        return float(sum(c * float(k) for c, k in zip(self.unit_costs, list(skipped_per_unit), strict=True)))
 
     def load_flexi_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.flexi_state_dict()
@@ -177,7 +212,7 @@ class FlexiModel:
 
     @contextmanager
     def record(self):
-        rec = Recording(self.config.routed_layers)
+        rec = Recording(self.unit_keys, self.unit_costs)
         self.state.records = rec.raw
         try:
             yield rec
@@ -217,17 +252,30 @@ class FlexiModel:
 
 
 class Recording:
-    """Routing decisions collected during forward passes, one entry per (forward, layer)."""
+    """Routing decisions collected during forward passes, one entry per (forward, routed unit). `units`: the unit
+    keys (FlexiModel.unit_keys; the routed layer indices for skip unit `layer`), `costs`: their layer-equivalents."""
 
-    def __init__(self, routed_layers):
-        self.routed_layers = list(routed_layers)
-        self.raw: list[tuple[int, torch.Tensor]] = []
+    def __init__(self, units, costs=None):
+        self.units = list(units)
+        self.routed_layers = self.units  # the name before skip units (unit keys are layer indices for `layer`)
+        self.costs = [1.0] * len(self.units) if costs is None else list(costs)
+        self.raw: list[tuple[object, torch.Tensor]] = []
 
     def decisions(self) -> torch.Tensor:
-        """[B, T_total, n_routed] bool (True = the token ran the layer), concatenating forward calls in time."""
-        n = len(self.routed_layers)
+        """[B, T_total, n_units] bool (True = the token ran the unit), concatenating forward calls in time."""
+        n = len(self.units)
         if not self.raw:
             return torch.zeros(0, 0, n, dtype=torch.bool)
         steps = [self.raw[i:i + n] for i in range(0, len(self.raw), n)]
+        for step in steps:
+            if [key for key, _ in step] != self.units:
+                raise RuntimeError(f"recorded units {[key for key, _ in step]} are not the model's {self.units}")
         per_step = [torch.stack([mask for _, mask in step], dim=-1) for step in steps]
         return torch.cat(per_step, dim=1).cpu()
+
+    def skipped_layers(self) -> torch.Tensor:
+        """[B, T_total] float: layer-equivalents each token skipped (units.py: skipped units weighted by cost)."""
+        skipped = (~self.decisions()).float()
+        if all(c == 1.0 for c in self.costs):
+            return skipped.sum(-1)
+        return skipped @ torch.tensor(self.costs, dtype=torch.float32)

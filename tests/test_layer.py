@@ -14,18 +14,24 @@ def ids(n=12, batch=2, seed=1):
     return torch.randint(3, 128, (batch, n), generator=g)
 
 
-def convert_tiny(family, routed=(1,)):
+def convert_tiny(family, routed=(1,), **kw):
     original = tiny_model(family)
-    return original, FlexiModel.wrap(copy.deepcopy(original), routed_layers=list(routed), base_model="tiny")
+    return original, FlexiModel.wrap(copy.deepcopy(original), routed_layers=list(routed), base_model="tiny", **kw)
 
 
-def greedy(model, x, n=8):
-    return model.generate(x, max_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+# (skip unit, router kind): every unit with either router (flexicli/units.py)
+UNITS = [("layer", "flexidepth"), ("layer", "linear"), ("module", "flexidepth"), ("module", "linear"),
+         ("mlp", "flexidepth"), ("mlp", "linear")]
 
 
+def greedy(model, x, n=8, **kw):
+    return model.generate(x, max_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("unit,router", UNITS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_exact_at_birth_and_greedy_with_cache(family):
-    original, fm = convert_tiny(family, routed=(0, 1))
+def test_exact_at_birth_and_greedy_with_cache(family, unit, router):
+    original, fm = convert_tiny(family, routed=(0, 1), skip_unit=unit, router=router)
     x = ids()
     with torch.no_grad():
         ref = original(x).logits
@@ -39,10 +45,14 @@ def test_exact_at_birth_and_greedy_with_cache(family):
     assert rec.decisions().all(), "a fresh router must run every token"
 
 
+@pytest.mark.parametrize("unit", ["layer", "module", "mlp"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_skip_everything_keeps_full_cache(family):
-    original, fm = convert_tiny(family, routed=(0, 1))
+def test_skip_everything_keeps_full_cache(family, unit):
+    original, fm = convert_tiny(family, routed=(0, 1), skip_unit=unit)
     x = ids(batch=1)
+    if unit == "mlp":  # attention still runs: only the adapter changes the output, and a fresh one adds nothing
+        for layer in fm.layers:
+            torch.nn.init.normal_(layer.adapter.down_proj.weight, std=0.1)
     with torch.no_grad(), fm.routing("skip"):
         out = fm.model(x, use_cache=True)
         cache = out.past_key_values
@@ -52,7 +62,7 @@ def test_skip_everything_keeps_full_cache(family):
             assert keys.shape[-2] == min(x.shape[1], keys.shape[-2]) and torch.isfinite(keys).all()
         assert not torch.allclose(out.logits, original(x).logits, atol=1e-3), "skipping must change the output"
         with fm.record() as rec:
-            gen = greedy(fm.model, x, n=5)
+            gen = greedy(fm.model, x, n=5, min_new_tokens=5)  # an adapter with weights may well pick EOS
     assert gen.shape[1] == x.shape[1] + 5
     assert not rec.decisions().any()
 

@@ -10,17 +10,23 @@ from .common import device_options, emit_json, json_option, stderr_console
 @click.option("--layers", default=None, help="Layers to route: 'half' (default, the second half), 'all', '16-31', '16,18,20'.")
 @click.option("--gate-mode", type=click.Choice(["ste", "scale"]), default="ste", show_default=True,
               help="ste: exact hard routing, straight-through gradient; scale: official FlexiDepth w-scaling.")
+@click.option("--skip-unit", default="layer", show_default=True,
+              help="What a router skips: layer (FlexiDepth: the whole layer), module (a router for attention and one "
+                   "for the MLP, each deciding on its own), mlp (attention always runs; only the MLP is routed).")
+@click.option("--router", "router_kind", default="flexidepth", show_default=True,
+              help="Router: flexidepth (bottleneck) or linear (Learning to Skip: one Linear(hidden, 1) + bias).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a Hub model's own modeling code to run.")
 @device_options
 @json_option
-def command(model_spec, output, layers, gate_mode, force, trust_remote_code, device, dtype, as_json):
+def command(model_spec, output, layers, gate_mode, skip_unit, router_kind, force, trust_remote_code, device, dtype,
+            as_json):
     from ..convert import convert, summary
 
     console = stderr_console()
     with console.status(f"converting {model_spec or 'the embedded SmolLM2-135M-Instruct'}..."):
         fm = convert(model_spec, output, layers=layers, dtype=dtype, device=device, gate_mode=gate_mode,
-                     overwrite=force, trust_remote_code=trust_remote_code)
+                     overwrite=force, trust_remote_code=trust_remote_code, skip_unit=skip_unit, router=router_kind)
     info = summary(fm)
     if as_json:
         emit_json(info)
@@ -30,7 +36,9 @@ def command(model_spec, output, layers, gate_mode, force, trust_remote_code, dev
 
     table = Table(title="flexi convert", show_header=False)
     for key, label in [("base_model", "base model"), ("family", "family"), ("layers", "decoder layers"),
-                       ("routed_layers", "routed layers"), ("dtype", "dtype"), ("output", "checkpoint")]:
+                       ("routed_layers", "routed layers"), ("skip_unit", "skip unit"), ("router", "router"),
+                       ("skip_capacity", "most layer-equivalents skippable"), ("dtype", "dtype"),
+                       ("output", "checkpoint")]:
         table.add_row(label, str(info[key]))
     table.add_row("trainable parameters",
                   f"{info['trainable_parameters']:,} ({100 * info['trainable_share']:.2f}% of {info['base_parameters']:,})")

@@ -1,0 +1,149 @@
+"""Skip units (flexicli/units.py): the module/mlp forward by hand, what a unit costs, configs and the CLI."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from flexicli.errors import BadInput, CheckpointError
+from flexicli.model import FlexiModel
+
+
+def wrap(family="llama", **kw):
+    return FlexiModel.wrap(tiny_model(family), routed_layers=[0, 1], base_model="tiny", **kw)
+
+
+def layer_io(fm, index=1):
+    layer, seen = fm.layers[index], {}
+    layer.register_forward_hook(lambda m, a, out: seen.update(out=out))
+    layer.register_forward_pre_hook(lambda m, a, kw: seen.update(inp=a[0] if a else kw["hidden_states"]),
+                                    with_kwargs=True)
+    return layer, seen
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("skip", ["attn", "mlp", "both"])
+def test_module_unit_by_hand(skip, fast):
+    """A token skipping attention adds nothing from it; a token skipping the MLP takes the adapter."""
+    fm = wrap(skip_unit="module")
+    fm.state.fast_path = fast
+    layer, seen = layer_io(fm)
+    torch.nn.init.normal_(layer.adapter.down_proj.weight, std=0.1)
+    base = layer.base_layer
+    with torch.no_grad():
+        if skip in ("attn", "both"):
+            layer.attn_router.bias.fill_(-20.0)
+        if skip in ("mlp", "both"):
+            layer.mlp_router.bias.fill_(-20.0)
+        x = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+        with fm.record() as rec:
+            fm.model(x)
+        h = seen["inp"]
+        if skip == "mlp":
+            pos = fm.model.model.rotary_emb(h, torch.arange(6)[None])
+            h = h + base.self_attn(base.input_layernorm(h), position_embeddings=pos, attention_mask=None)[0]
+        n = base.post_attention_layernorm(h)
+        expect = h + (base.mlp(n) if skip == "attn" else layer.adapter(n))
+    assert (seen["out"] - expect).abs().max() <= 1e-5
+    d = rec.decisions()[0, :, 2:]  # layer 1: (attn, mlp)
+    assert d[:, 0].all() == (skip == "mlp") and d[:, 1].all() == (skip == "attn")
+
+
+def test_mlp_unit_has_no_attention_router_and_records_its_units():
+    fm = wrap(skip_unit="mlp", router="linear")
+    assert fm.unit_keys == [(0, "mlp"), (1, "mlp")] and fm.unit_labels == ["0.mlp", "1.mlp"]
+    assert not hasattr(fm.layers[0], "router") and not hasattr(fm.layers[0], "attn_router")
+    assert sorted(fm.flexi_state_dict()) == sorted(
+        f"layers.{i}.{k}" for i in (0, 1) for k in ("mlp_router.proj.weight", "mlp_router.proj.bias",
+                                                    "adapter.gate_proj.weight", "adapter.up_proj.weight",
+                                                    "adapter.down_proj.weight"))
+
+
+def test_unit_costs_are_the_parameters_a_token_no_longer_reads():
+    """tiny llama: q, o 64x64 each; k, v 64x32 (read either way); MLP 3 x 64x128."""
+    fm = wrap(skip_unit="module")
+    a, m = 2 * 64 * 64, 3 * 64 * 128
+    assert fm.unit_costs == pytest.approx([a / (a + m), m / (a + m)] * 2)
+    assert fm.capacity == pytest.approx(2.0)
+    assert wrap(skip_unit="mlp").capacity == pytest.approx(2 * m / (a + m))
+    assert wrap().unit_costs == [1.0, 1.0] and wrap().unit_keys == [0, 1]
+    with torch.no_grad(), fm.routing("fixed", skip_layers={1}), fm.record() as rec:  # layer 1: both units skip
+        fm.model(torch.randint(3, 128, (2, 5)))
+    assert torch.allclose(rec.skipped_layers(), torch.ones(2, 5))
+    assert fm.layer_equivalents([10, 10, 0, 0]) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("unit,router", [("module", "linear"), ("mlp", "flexidepth"), ("layer", "linear")])
+def test_save_load_round_trip(tmp_path, tiny_folder, unit, router):
+    from flexicli.convert import convert
+
+    fm = convert(str(tiny_folder), tmp_path / "ck", skip_unit=unit, router=router)
+    with torch.no_grad():
+        for p in fm.trainable_parameters():
+            p.add_(0.01 * torch.randn(p.shape))
+    fm.save(tmp_path / "ck", overwrite=True)
+    back = FlexiModel.load(tmp_path / "ck")
+    assert (back.config.skip_unit, back.config.router) == (unit, router)
+    want, got = fm.flexi_state_dict(), back.flexi_state_dict()
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_old_config_without_the_keys_loads_as_layer(tmp_path, tiny_folder):
+    from flexicli.convert import convert
+
+    convert(str(tiny_folder), tmp_path / "ck")
+    path = tmp_path / "ck" / "flexi_config.json"
+    data = json.loads(path.read_text())
+    assert data["skip_unit"] == "layer" and data["router"] == "flexidepth"
+    del data["skip_unit"], data["router"]
+    path.write_text(json.dumps(data))
+    fm = FlexiModel.load(tmp_path / "ck")
+    assert fm.config.skip_unit == "layer" and hasattr(fm.layers[0], "router")
+
+
+@pytest.mark.parametrize("key,value", [("skip_unit", "block"), ("router", "gumbel"), ("skip_unit", ["layer"])])
+def test_config_with_a_unit_this_code_cannot_run(tmp_path, tiny_folder, key, value):
+    from flexicli.convert import convert
+
+    convert(str(tiny_folder), tmp_path / "ck")
+    path = tmp_path / "ck" / "flexi_config.json"
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=f"unknown {key.replace('skip_unit', 'skip unit')}"):
+        FlexiModel.load(tmp_path / "ck")
+
+
+def test_wrap_rejects_unknown_choices():
+    with pytest.raises(BadInput, match="unknown skip unit 'block'.*layer, module, mlp"):
+        wrap(skip_unit="block")
+    with pytest.raises(BadInput, match="unknown router 'gumbel'"):
+        wrap(router="gumbel")
+
+
+@pytest.mark.parametrize("flag,value", [("--skip-unit", "block"), ("--router", "gumbel")])
+def test_cli_unknown_choice_is_one_line_exit_2(tiny_folder, tmp_path, flag, value):
+    from test_cli_convert import flexi, one_error_line
+
+    line = one_error_line(flexi("convert", str(tiny_folder), "-o", str(tmp_path / "out"), flag, value))
+    assert value in line and not (tmp_path / "out").exists()
+
+
+def test_cli_convert_module(tiny_folder, tmp_path):
+    from test_cli_convert import flexi
+
+    r = flexi("convert", str(tiny_folder), "-o", str(tmp_path / "out"), "--skip-unit", "mlp", "--router", "linear",
+              "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["skip_unit"] == "mlp" and info["router"] == "linear" and 0 < info["skip_capacity"] < 1
+
+
+def test_fingerprint_ignores_the_new_routers():
+    from flexicli.checkpoint import fingerprint
+
+    original = tiny_model("gpt2")
+    fm = FlexiModel.wrap(copy.deepcopy(original), routed_layers=[1], base_model="tiny", skip_unit="module")
+    assert fingerprint(fm.model) == fingerprint(original)
