@@ -20,7 +20,8 @@ from pathlib import Path
 MODELING_FILE = "modeling_flexi.py"
 MODEL_CLASS = "FlexiForCausalLM"
 # The modules the exported code is made of, in dependency order (see export_remote.py).
-_SOURCES = ("errors.py", "families.py", "compat.py", "fastpath.py", "layer.py", "export_remote.py")
+_SOURCES = ("errors.py", "families.py", "compat.py", "fastpath.py", "units.py", "module_routing.py", "layer.py",
+            "export_remote.py")
 _RELATIVE_IMPORT = re.compile(r"^from \.[\w.]* import [^\n]*\n", re.M)
 _FUTURE_IMPORT = "from __future__ import annotations\n"
 

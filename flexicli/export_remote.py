@@ -1,7 +1,7 @@
 """The model class that stock transformers runs for an exported folder (`trust_remote_code=True`).
 
 `flexi export` writes `modeling_flexi.py` from flexicli's own source files, so there is one implementation
-of a routed layer: errors.py, families.py and layer.py, then this file, each with its relative imports
+of a routed layer: errors.py, families.py, units.py, module_routing.py and layer.py (export._SOURCES), then this file, each with its relative imports
 removed, then one generated line naming the base class of the exported model, e.g.
 
     class FlexiForCausalLM(FlexiMixin, LlamaForCausalLM):
@@ -21,6 +21,7 @@ import torch
 
 from .families import LayerParts
 from .layer import FlexiLayer, RoutingState
+from .units import check_choice
 
 FLEXI_CONFIG_FILE = "flexi_config.json"
 FLEXI_WEIGHTS_FILE = "flexi_weights.safetensors"
@@ -48,11 +49,13 @@ class FlexiMixin:
         parts = LayerParts.from_dict(flexi["parts"])
         layers = self.get_submodule(parts.layers)
         self.flexi_state = RoutingState(threshold=flexi["threshold"], gate_mode=flexi["gate_mode"])
+        unit, router = flexi.get("skip_unit", "layer"), flexi.get("router", "flexidepth")  # absent: from before units
+        check_choice(unit, router)
         own = {}
         for i in flexi["routed_layers"]:
             layers[i] = FlexiLayer(layers[i], parts, i, self.flexi_state, flexi["hidden_size"], flexi["adapter_dim"],
-                                   flexi["router_reduction"], flexi["router_init_bias"])
-            for part in ("router", "adapter"):
+                                   flexi["router_reduction"], flexi["router_init_bias"], unit, router)
+            for part in [*(name for name, _ in layers[i].named_children() if name.endswith("router")), "adapter"]:
                 own.update({f"layers.{i}.{part}.{k}": v for k, v in getattr(layers[i], part).state_dict().items()})
         if set(own) != set(tensors):
             raise ValueError(f"{FLEXI_WEIGHTS_FILE} does not match {FLEXI_CONFIG_FILE}: missing "

@@ -35,7 +35,7 @@ from torch import nn
 from .families import LayerParts
 from .fastpath import partial_attention, plan_for
 from .module_routing import ModuleRouting
-from .units import ROUTER_ATTR, SKIP_UNITS, make_router, unit_costs, unit_key
+from .units import ROUTER_ATTR, SKIP_UNITS, LinearRouter, check_choice, unit_costs, unit_key
 
 # Block arguments that belong to the block, not to its self-attention (GPT-2's cross-attention inputs).
 _BLOCK_ONLY_ARGS = ("encoder_hidden_states", "encoder_attention_mask")
@@ -139,6 +139,12 @@ class Router(nn.Module):
         return torch.full(z.shape[:-1], 0.5 * (1.0 + math.tanh(0.5 * logit)))  # sigmoid, without exp overflow
 
 
+def make_router(kind: str, hidden: int, reduction: int, init_bias: float) -> nn.Module:
+    """`flexidepth` (Router) or `linear` (units.LinearRouter, the seed paper's)."""
+    check_choice("layer", kind)
+    return Router(hidden, reduction, init_bias) if kind == "flexidepth" else LinearRouter(hidden, init_bias)
+
+
 class Adapter(nn.Module):
     """SwiGLU MLP with a small intermediate size; what a skipped token gets instead of the layer's MLP.
     down_proj starts at zero: a fresh adapter adds nothing, training grows it."""
@@ -167,8 +173,9 @@ class RoutingState:
     threshold: float = 0.5
     gate_mode: str = "ste"  # "ste": hard decisions, straight-through gradient; "scale": official w-scaling
     skip_layers: frozenset = frozenset()
-    records: list | None = None  # when a list: each layer appends (layer_index, run mask [B, T])
-    gates: list | None = None  # when a list: each layer appends (layer_index, w, run) for the training loss
+    records: list | None = None  # when a list: each routed unit appends (unit key, run mask [B, T]); the key is the
+    #                              layer index for skip unit `layer`, else (layer index, "attn" | "mlp") (units.py)
+    gates: list | None = None  # when a list: each unit appends (unit key, w, run, cost in layer-equivalents)
     checkpointing: bool = False  # training: recompute each routed layer in backward instead of storing activations
     fast_path: bool = True  # without gradients, skipped tokens compute only K/V (False: the reference path)
     MODES: tuple = field(default=("routed", "full", "run", "skip", "fixed"), repr=False)
@@ -270,6 +277,14 @@ class FlexiLayer(ModuleRouting, nn.Module):
         if state.gates is not None:
             state.gates.append((key, w, run, self.costs[unit]))
         return w, run
+
+    def _st_gate(self, w, run, dtype, soft):
+        """The hard decisions as the forward value, with the straight-through gradient while training."""
+        gate = run.to(dtype)
+        if soft and self.state.gate_mode == "ste":
+            g = _centred(w, self.state.threshold)
+            gate = gate + (g - g.detach()).to(dtype)
+        return gate
 
     def _reference_forward(self, hidden_states, z, w, run, call):
         """Every token computes attention; a skipped token's output is dropped. Used for training (the

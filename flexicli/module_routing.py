@@ -34,7 +34,7 @@ def _rows(idx, valid, t):
 
 
 class ModuleRouting:
-    """FlexiLayer's forward for the `module` and `mlp` skip units (uses its _part, _gate and _ffn)."""
+    """FlexiLayer's forward for the `module` and `mlp` skip units (uses its _part, _gate, _st_gate and _ffn)."""
 
     def _unit_forward(self, h, z, call):
         p, state = self.parts, self.state
@@ -52,16 +52,6 @@ class ModuleRouting:
         if fast:
             return h + self._fast_mlp(x, wm, rm)
         return h + self._ffn(x, rm, wm, self._st_gate(wm, rm, x.dtype, soft), soft, self._part(p.mlp_out_norm))
-
-    def _st_gate(self, w, run, dtype, soft):
-        """The hard decisions as the forward value, with the straight-through gradient while training."""
-        from .layer import _centred
-
-        gate = run.to(dtype)
-        if soft and self.state.gate_mode == "ste":
-            g = _centred(w, self.state.threshold)
-            gate = gate + (g - g.detach()).to(dtype)
-        return gate
 
     def _routed_attention(self, h, z, w, run, call, fast, soft, out_norm):
         attn = self._part(self.parts.attn)

@@ -63,13 +63,6 @@ class LinearRouter(nn.Module):
     infer = forward
 
 
-def make_router(kind: str, hidden: int, reduction: int, init_bias: float) -> nn.Module:
-    from .layer import Router
-
-    check_choice("layer", kind)
-    return Router(hidden, reduction, init_bias) if kind == "flexidepth" else LinearRouter(hidden, init_bias)
-
-
 def _count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 

@@ -55,16 +55,18 @@ def run_stock(env, **opts):
     return subprocess.run([sys.executable, "-c", STOCK, json.dumps(opts)], capture_output=True, text=True, env=env)
 
 
-def routed_checkpoint(family, tmp_path):
+def routed_checkpoint(family, tmp_path, **kw):
     """A tiny checkpoint whose routers skip some tokens and whose adapters do something."""
     base = tmp_path / f"{family}-base"
     tiny_model(family).save_pretrained(base)
-    fm = convert(str(base), tmp_path / f"{family}-ckpt", layers="all")
+    fm = convert(str(base), tmp_path / f"{family}-ckpt", layers="all", **kw)
     torch.manual_seed(1)
     for layer in fm.layers:
         torch.nn.init.normal_(layer.adapter.down_proj.weight, std=0.1)
-        torch.nn.init.normal_(layer.router.head.weight, std=1.0)
-        layer.router.bias.data.zero_()
+        for router in layer.routers.values():  # flexidepth: head and bias; linear: proj
+            lin = router.head if hasattr(router, "head") else router.proj
+            torch.nn.init.normal_(lin.weight, std=1.0 if hasattr(router, "head") else 0.3)
+            (router.bias if hasattr(router, "head") else router.proj.bias).data.zero_()
     fm.save(fm.path, overwrite=True)
     return fm.path
 
@@ -110,6 +112,30 @@ def test_stock_transformers_matches_flexicli_in_a_fresh_process(tmp_path):
         assert torch.equal(stock["logits"], logits)
         assert torch.equal(stock["gen"], fm.model.generate(ids[:1], max_new_tokens=8, do_sample=False))
         assert report["plain_class"] != "FlexiForCausalLM" and torch.equal(stock["plain"], original)
+
+
+@pytest.mark.parametrize("unit,router", [("module", "linear"), ("mlp", "flexidepth")])
+def test_stock_transformers_runs_the_skip_units(tmp_path, unit, router):
+    """An exported `module` / `mlp` checkpoint: same logits, per-unit decisions and greedy tokens in stock
+    transformers as in flexicli."""
+    ids = torch.tensor(IDS)
+    ckpt = routed_checkpoint("llama", tmp_path, skip_unit=unit, router=router)
+    out = tmp_path / "export"
+    export(ckpt, out)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    r = run_stock(env, ids=IDS, folders=[[str(out), f"{out}.stock.pt"]])
+    assert r.returncode == 0, r.stderr
+    assert not json.loads(r.stdout.splitlines()[0])["flexicli_imported"]
+    stock = torch.load(f"{out}.stock.pt")
+    fm = FlexiModel.load(ckpt)
+    with torch.no_grad(), fm.record() as rec:
+        logits = fm.model(ids).logits
+    ran = rec.decisions()
+    assert ran.shape[-1] == len(fm.unit_keys) == (4 if unit == "module" else 2)
+    assert 0.1 < ran.float().mean() < 0.9
+    assert torch.equal(stock["ran"], ran) and torch.equal(stock["logits"], logits)
+    assert torch.equal(stock["gen"], fm.model.generate(ids[:1], max_new_tokens=8, do_sample=False))
 
 
 def test_modeling_code_is_flexicli_source_without_flexicli():

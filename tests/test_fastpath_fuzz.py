@@ -11,8 +11,13 @@ of the threshold, and checked through fm.record(). Both paths must give the same
 same K/V for every layer and every position (skipped tokens included), with the cache as long as the sequence in
 every layer.
 
+Every case runs for each skip unit (flexicli/units.py): `layer` with the committed seeds, `module` (a decision per
+attention and per MLP sublayer, so one token may skip attention and run the MLP, or the reverse) and `mlp` with
+the first MODULE_SEEDS of them; their draws come from `random.Random(f"{family}-{seed}-{unit}")`, so the `layer`
+cases are the ones they were before units existed.
+
 A failure names its case and the draw (also printed):
-    pytest "tests/test_fastpath_fuzz.py::test_fast_path_equals_reference_fuzz[qwen3-5]" -s
+    pytest "tests/test_fastpath_fuzz.py::test_fast_path_equals_reference_fuzz[layer-qwen3-5]" -s
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from flexicli.model import FlexiModel
 DEFAULT_SEEDS = list(range(24))
 _lo, _, _hi = os.environ.get("FLEXI_FUZZ_SEEDS", "").partition("-")
 SEEDS = list(range(int(_lo), int(_hi or _lo) + 1)) if _lo else DEFAULT_SEEDS
+MODULE_SEEDS = 12  # per family, for the `module` and `mlp` units
+UNITS_PER_LAYER = {"layer": 1, "module": 2, "mlp": 1}
 PATTERNS = ("all_run", "all_skip", "row", "one_runs", "one_skips", "coin", "coin")
 LOGIT_ATOL = 1e-4
 KV_ATOL = 1e-5
@@ -43,6 +50,7 @@ KV_ATOL = 1e-5
 class Case:
     family: str
     seed: int
+    unit: str  # the skip unit (flexicli/units.py)
     batch: int
     pads: list[int]  # left padding per row
     chunks: list[int]  # prefill length, then the cached steps
@@ -53,12 +61,12 @@ class Case:
     position_ids: bool  # pass generate()'s position ids for left-padded rows, or let the model number positions
     ids: torch.Tensor  # [B, total]
     mask: torch.Tensor  # [B, total]
-    runs: list[list[torch.Tensor]]  # [chunk][layer] -> [B, t] bool, what each layer must decide
-    gates: list[list[torch.Tensor]]  # [chunk][layer] -> [B, t] float32 gates that decide exactly `runs`
+    runs: list[list[torch.Tensor]]  # [chunk][unit] -> [B, t] bool, what each routed unit must decide
+    gates: list[list[torch.Tensor]]  # [chunk][unit] -> [B, t] float32 gates that decide exactly `runs`
     patterns: list[list[str]]
 
     def describe(self) -> str:
-        return (f"case {self.family}-{self.seed}: batch={self.batch} pads={self.pads} chunks={self.chunks} "
+        return (f"case {self.unit}-{self.family}-{self.seed}: batch={self.batch} pads={self.pads} chunks={self.chunks} "
                 f"threshold={self.threshold} gate_mode={self.gate_mode} attn={self.attn} config={self.config} "
                 f"position_ids={self.position_ids} patterns={self.patterns}")
 
@@ -87,8 +95,9 @@ def _gate(rng: random.Random, run: bool, threshold: float) -> float:
     return threshold * rng.uniform(0.05, 0.95)
 
 
-def draw_case(family: str, seed: int, n_layers: int = 2) -> Case:
-    rng = random.Random(f"{family}-{seed}")
+def draw_case(family: str, seed: int, unit: str = "layer", n_layers: int = 2) -> Case:
+    rng = random.Random(f"{family}-{seed}" if unit == "layer" else f"{family}-{seed}-{unit}")
+    n_units = n_layers * UNITS_PER_LAYER[unit]
     b = rng.randint(1, 4)
     prompt = rng.randint(1, 24)
     pads = [rng.choice([0, 0, rng.randint(0, prompt - 1)]) for _ in range(b)]  # every row keeps a real token
@@ -112,13 +121,13 @@ def draw_case(family: str, seed: int, n_layers: int = 2) -> Case:
         ids[i, :p] = 0  # the pad token
     runs, gates, patterns = [], [], []
     for t in chunks:
-        pat = [rng.choice(PATTERNS) for _ in range(n_layers)]
+        pat = [rng.choice(PATTERNS) for _ in range(n_units)]
         dec = [_decisions(rng, p, b, t) for p in pat]
         runs.append([torch.tensor(d) for d in dec])
         gates.append([torch.tensor([[_gate(rng, r, threshold) for r in row] for row in d], dtype=torch.float32)
                       for d in dec])
         patterns.append(pat)
-    return Case(family, seed, b, pads, chunks, threshold, gate_mode, attn, config, position_ids, ids, mask, runs, gates,
+    return Case(family, seed, unit, b, pads, chunks, threshold, gate_mode, attn, config, position_ids, ids, mask, runs, gates,
                 patterns)
 
 
@@ -150,7 +159,8 @@ def build(case: Case) -> FlexiModel:
             setattr(cfg, k, v)
     torch.manual_seed(case.seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=case.attn).eval()
-    fm = FlexiModel.wrap(model, routed_layers=[0, 1], base_model="tiny", gate_mode=case.gate_mode)
+    fm = FlexiModel.wrap(model, routed_layers=[0, 1], base_model="tiny", gate_mode=case.gate_mode,
+                         skip_unit=case.unit)
     g = torch.Generator().manual_seed(case.seed)
     with torch.no_grad():  # a fresh adapter adds nothing: give it weights, so skipping is visible in the logits
         for layer in fm.layers:
@@ -161,7 +171,8 @@ def build(case: Case) -> FlexiModel:
 
 def force_gates(fm: FlexiModel, case: Case, calls: list[int]):
     """Replace each router (both its inference and training forms) by the case's gates, one chunk per call."""
-    for n, layer in enumerate(fm.layers):
+    routers = [router for layer in fm.layers for router in layer.routers.values()]  # in fm.unit_keys order
+    for n, router in enumerate(routers):
         def gate(z, n=n):
             chunk = calls[n]
             calls[n] += 1
@@ -169,13 +180,13 @@ def force_gates(fm: FlexiModel, case: Case, calls: list[int]):
             assert z.shape[:-1] == w.shape, (case.describe(), n, chunk, tuple(z.shape))
             return w.to(z.device)
 
-        layer.router.infer = gate
-        layer.router.forward = gate
+        router.infer = gate
+        router.forward = gate
 
 
 def run_case(fm: FlexiModel, case: Case, fast: bool):
     fm.state.fast_path = fast
-    calls = [0] * len(fm.layers)
+    calls = [0] * len(fm.unit_keys)
     force_gates(fm, case, calls)
     cache = RecordingCache(config=fm.model.config)
     logits, start = [], 0
@@ -189,18 +200,21 @@ def run_case(fm: FlexiModel, case: Case, fast: bool):
             assert output_cache(out) is cache, case.describe()
             logits.append(out.logits)
             start = end
-    assert calls == [len(case.chunks)] * len(fm.layers), (case.describe(), calls)
+    assert calls == [len(case.chunks)] * len(fm.unit_keys), (case.describe(), calls)
     return torch.cat(logits, dim=1), rec.decisions(), cache
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_fast_path_equals_reference_fuzz(family, seed):
-    case = draw_case(family, seed)
+CASES = [(unit, family, seed) for unit in ("layer", "module", "mlp") for family in FAMILIES
+         for seed in (SEEDS if unit == "layer" or _lo else DEFAULT_SEEDS[:MODULE_SEEDS])]
+
+
+@pytest.mark.parametrize("unit,family,seed", CASES, ids=[f"{u}-{f}-{s}" for u, f, s in CASES])
+def test_fast_path_equals_reference_fuzz(unit, family, seed):
+    case = draw_case(family, seed, unit)
     print(case.describe())
     fm = build(case)
     total = sum(case.chunks)
-    want = torch.cat([torch.stack(r, dim=-1) for r in case.runs], dim=1)  # [B, total, layers]
+    want = torch.cat([torch.stack(r, dim=-1) for r in case.runs], dim=1)  # [B, total, units]
 
     fast_logits, fast_dec, fast_cache = run_case(fm, case, fast=True)
     ref_logits, ref_dec, ref_cache = run_case(fm, case, fast=False)
@@ -239,6 +253,10 @@ def test_fast_path_equals_reference_fuzz(family, seed):
 def test_fuzz_draws_cover_the_corners():
     """The committed seed list as a whole reaches what the fuzzer is for (a guard against draws that drift to easy
     cases when the drawing code changes)."""
+    module = [draw_case(f, s, "module") for f in FAMILIES for s in DEFAULT_SEEDS[:MODULE_SEEDS]]
+    pairs = [(chunk[2 * i], chunk[2 * i + 1]) for c in module for chunk in c.runs for i in range(2)]  # (attn, mlp)
+    assert any((~a & m).any() for a, m in pairs) and any((a & ~m).any() for a, m in pairs)
+    assert any(c.gate_mode == "scale" for c in module) and any(c.batch > 1 for c in module)
     cases = [draw_case(f, s) for f in FAMILIES for s in DEFAULT_SEEDS]
     pats = {p for c in cases for chunk in c.patterns for p in chunk}
     assert pats == set(PATTERNS)
