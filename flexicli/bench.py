@@ -50,13 +50,18 @@ def _sync(device: torch.device) -> None:
 
 
 def choose_skip_layers(fm, ids: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
-    """The n routed layers the router skips most at its threshold (latest first on ties), and per-layer
-    usage (share of tokens that ran each routed layer) on `ids`."""
+    """The n routed layers the router skips most at its threshold (latest first on ties), and per-unit
+    usage (share of tokens that ran each routed unit: a layer, or its attention / MLP) on `ids`."""
     with torch.no_grad(), fm.routing("routed"), fm.record() as rec:
         fm.model(ids, logits_to_keep=1)
     usage = rec.decisions().float().mean(dim=(0, 1)).tolist()
-    order = sorted(range(len(usage)), key=lambda i: (usage[i], -i))
     layers = fm.config.routed_layers
+    by_layer = usage
+    if len(usage) != len(layers):  # skip units module / mlp: a layer's usage is its units', weighted by cost
+        keys, costs = fm.unit_keys, fm.unit_costs
+        by_layer = [sum(u * c for u, c, k in zip(usage, costs, keys) if k[0] == i) /
+                    sum(c for c, k in zip(costs, keys) if k[0] == i) for i in layers]
+    order = sorted(range(len(by_layer)), key=lambda i: (by_layer[i], -i))
     return sorted(layers[i] for i in order[:n]), usage
 
 
@@ -104,14 +109,15 @@ def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> _Clock:
 
 
 def mean_skipped(fm, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Mean routed layers skipped per token at the threshold: over the prefill, and over decode steps."""
+    """Mean routed layers skipped per token at the threshold (layer-equivalents): over the prefill, and over decode
+    steps."""
     with torch.no_grad(), fm.routing("routed"), fm.record() as rec:
         out = fm.model(prompt, use_cache=True, logits_to_keep=1)
         cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
             out = fm.model(nxt, **cache_kwargs(fm.model, cache), use_cache=True)
             cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
-    skipped = (~rec.decisions()).float().sum(-1)  # [B, T_total]
+    skipped = rec.skipped_layers()  # [B, T_total]
     t = prompt.shape[1]
     return skipped[:, :t].mean().item(), skipped[:, t:].mean().item()
 
@@ -180,7 +186,7 @@ def run_bench(fm, skip: int = 8, prefill_len: int = 512, decode_prompt: int = 64
         "engine": engine,  # GPU decode engine (flexicli/engine.py): a dict of figures, or why it did not run
         "skip": skip,
         "skip_layers": skip_layers,
-        "routed_usage": dict(zip(map(str, fm.config.routed_layers), (round(u, 4) for u in usage))),
+        "routed_usage": dict(zip(fm.unit_labels, (round(u, 4) for u in usage), strict=True)),  # per routed unit
         "mean_skipped_at_threshold": {"prefill": skipped_prefill, "decode": skipped_decode},
     }
 

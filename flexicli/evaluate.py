@@ -15,7 +15,9 @@ What is measured, always the routed model against the original:
   greedy_match          greedy generation from held-out prompts: the fraction of prompts whose new tokens are
                         identical, and greedy_first_divergence, the mean index of the first token that differs
                         (an identical continuation counts as new_tokens: no divergence within the budget)
-  mean_skipped_layers   skipped routed layers per token in the routed teacher-forced pass; per_layer_skip_rate
+  mean_skipped_layers   skipped routed layers per token in the routed teacher-forced pass, in layer-equivalents
+                        (flexicli/units.py: a skipped attention or MLP sublayer counts its share of the layer's
+                        parameters); per_layer_skip_rate per routed unit ("17", or "17.attn" / "17.mlp")
   retention             the built-in task suite (flexicli.tasks) on both: mean routed score / mean original score
 """
 
@@ -289,7 +291,7 @@ def compare_teacher_forced(fm, seqs: list[list[int]], routing: dict, batch_size:
     compared with the same original logits (one extra forward pass per batch each) and reported under
     result["yardstick"][name]."""
     device = next(fm.model.parameters()).device
-    n_routed = len(fm.config.routed_layers)
+    n_routed = len(fm.unit_keys)  # routed units: one per routed layer for skip unit `layer`
     nll_o = nll_r = 0.0
     routed, others = _Agreement(), {name: _Agreement() for name in (variants or {})}
     scored, skipped, tokens = 0, torch.zeros(n_routed, dtype=torch.long), 0
@@ -335,9 +337,11 @@ def compare_teacher_forced(fm, seqs: list[list[int]], routing: dict, batch_size:
     out = {
         **routed.result(), "scored_tokens": scored,
         "perplexity_original": math.exp(nll_o / scored), "perplexity_routed": math.exp(nll_r / scored),
-        "mean_skipped_layers": float(skipped.sum()) / max(1, tokens),
-        "per_layer_skip_rate": {str(i): r for i, r in zip(fm.config.routed_layers, rates)},
+        "mean_skipped_layers": fm.layer_equivalents(skipped) / max(1, tokens),
+        "per_layer_skip_rate": dict(zip(fm.unit_labels, rates, strict=True)),
     }
+    if fm.config.skip_unit != "layer":  # the most a token can skip, in layer-equivalents (units.py)
+        out["skip_capacity"] = fm.capacity
     if variants:
         out["yardstick"] = {name: acc.result() for name, acc in others.items()}
     return out

@@ -173,7 +173,7 @@ class FlexiModel:
     def capacity(self) -> float:
         """The most layer-equivalents a token can skip: the routed layers for `layer` and `module`, less for `mlp`
         (its attention always runs)."""
-        return float(sum(self.unit_costs))
+        return round(float(sum(self.unit_costs)), 9)  # module: exactly the routed layers, not 14.999999
 
     def layer_equivalents(self, skipped_per_unit) -> float:
         """Skip counts (or rates) per unit -> layer-equivalents (unit_costs-weighted sum)."""

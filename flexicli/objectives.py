@@ -1,5 +1,6 @@
 """What training optimises: distillation against the original model (ours) or FlexiDepth's LM objective, and the
-budget that makes the mean number of skipped layers hit its target (a PI-controlled penalty, or a quantile threshold)."""
+budget that makes the mean number of skipped layers (in layer-equivalents, flexicli/units.py) hit its target (a
+PI-controlled penalty, a quantile threshold, or the seed paper's per-unit target density)."""
 
 from __future__ import annotations
 
@@ -67,12 +68,24 @@ def lm_loss(student_h, input_ids, head, chunk: int | None = None):
 
 
 def gate_stats(gates):
-    """From RoutingState.gates [(layer, w, run)]: per token the straight-through count of skipped layers (forward
-    value = hard count, gradient through w), the soft sum of gates, and the hard per-layer skip rates."""
-    w = torch.stack([g[1] for g in gates], dim=-1)  # [B, T, L]
+    """From RoutingState.gates [(unit, w, run, cost)]: per token the straight-through count of skipped layers, in
+    layer-equivalents (each skipped unit counts its cost, flexicli/units.py; 1 per layer for skip unit `layer`;
+    forward value = hard count, gradient through w), the soft sum of gates, and the hard per-unit skip rates."""
+    w = torch.stack([g[1] for g in gates], dim=-1)  # [B, T, U]
     run = torch.stack([g[2] for g in gates], dim=-1).to(w.dtype)
-    skipped_st = (1 - (run + w - w.detach())).sum(-1)
-    return skipped_st, w.sum(-1), 1 - run.mean(dim=(0, 1))
+    skipped = 1 - (run + w - w.detach())
+    costs = [g[3] if len(g) > 3 else 1.0 for g in gates]
+    if any(c != 1.0 for c in costs):
+        skipped = skipped * torch.tensor(costs, dtype=w.dtype, device=w.device)
+    return skipped.sum(-1), w.sum(-1), 1 - run.mean(dim=(0, 1))
+
+
+def unit_density(gates) -> torch.Tensor:
+    """[U]: each routed unit's share of tokens that run it, straight-through (forward value = the hard share,
+    gradient through w): what BudgetDensity pulls toward its target density."""
+    w = torch.stack([g[1] for g in gates], dim=-1)
+    run = torch.stack([g[2] for g in gates], dim=-1).to(w.dtype)
+    return (run + w - w.detach()).mean(dim=(0, 1))
 
 
 def gate_margin(gates, center: float, width: float = 1.0) -> torch.Tensor:
@@ -100,7 +113,8 @@ class BudgetPenalty:
 
     kind = "penalty"
 
-    def __init__(self, num_routed: int, logit: float = 0.0, ki: float = 0.1, kp: float = 0.5, limit: float = 1.0):
+    def __init__(self, num_routed: float, logit: float = 0.0, ki: float = 0.1, kp: float = 0.5, limit: float = 1.0,
+                 costs=None):
         self.num_routed, self.logit, self.ki, self.kp, self.limit = num_routed, logit, ki, kp, limit
         self.integral = self.lam = 0.0
 
@@ -108,7 +122,7 @@ class BudgetPenalty:
     def threshold(self) -> float:
         return threshold_of(self.logit)
 
-    def loss(self, target: float, skipped_st: torch.Tensor) -> torch.Tensor:
+    def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> torch.Tensor:
         return self.lam * (target - skipped_st.mean())
 
     def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
@@ -132,22 +146,24 @@ class BudgetThreshold:
     """The routing threshold, in logit space, that makes the mean number of skipped layers equal the target.
 
     After every step it is set to the quantile of that step's router logits, pooled over tokens and routed layers,
-    below which a share target / routed layers of them lies: a token skips a layer iff its logit is below it, so the
+    below which a share target / routed layers of them lies (weighted by each unit's cost in layer-equivalents when
+    units differ, flexicli/units.py): a token skips a layer iff its logit is below it, so the
     budget is met by construction (to a step's lag, while the routers move slowly) and not by a feedback loop. The
     loss only decides which tokens skip, the threshold how many. Measured on SmolLM2 (100 steps): the count is exact,
     but held-out agreement is lower than with BudgetPenalty (README), so it is the option, not the default."""
 
     kind = "threshold"
 
-    def __init__(self, num_routed: int, logit: float = 0.0, momentum: float = 0.5):
+    def __init__(self, num_routed: float, logit: float = 0.0, momentum: float = 0.5, costs=None):
         self.num_routed, self.logit, self.momentum = num_routed, logit, momentum
+        self.costs = None if costs is None or all(c == 1.0 for c in costs) else torch.tensor(costs)
 
     @property
     def threshold(self) -> float:
         """The same threshold on the router's gate w = sigmoid(logit)."""
         return threshold_of(self.logit)
 
-    def loss(self, target: float, skipped_st: torch.Tensor) -> float:
+    def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> float:
         return 0.0
 
     def observe(self, logits: torch.Tensor, target: float) -> float:
@@ -155,6 +171,8 @@ class BudgetThreshold:
         share = min(max(target / self.num_routed, 0.0), 1.0)
         if share <= 0.0:
             return float(logits.min()) - 1.0
+        if self.costs is not None:
+            return weighted_quantile(logits, self.costs, share)
         return float(torch.quantile(logits[:2**24].float(), share))
 
     def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
@@ -171,4 +189,52 @@ class BudgetThreshold:
         self.logit = d["logit"]
 
 
-BUDGETS = {b.kind: b for b in (BudgetPenalty, BudgetThreshold)}
+def weighted_quantile(logits: torch.Tensor, costs: torch.Tensor, share: float) -> float:
+    """The logit below which units worth `share` of all units' cost lie. logits: gate_logits' flat [B*T*U] (units
+    last), costs [U]: a unit's logit weighs its cost, so the threshold skips `share` of the compute, not of units."""
+    x = logits.float().reshape(-1, costs.numel())
+    weight = costs.float().expand_as(x).reshape(-1)
+    values, order = x.reshape(-1).sort()
+    cum = weight[order].cumsum(0) / weight.sum()
+    k = int(torch.searchsorted(cum, torch.tensor(share)).clamp(max=values.numel() - 1))
+    upper = values[k]
+    return float(upper if k + 1 >= values.numel() else (upper + values[k + 1]) / 2)
+
+
+class BudgetDensity:
+    """The seed paper's (Learning to Skip) target-density regulariser: every routed unit's share of tokens that run it
+    is pulled toward one target density, `weight * sum_u (density_u - rho)^2`, with rho = 1 - target / capacity so
+    that units at rho skip `target` layer-equivalents (capacity: the most a token can skip, FlexiModel.capacity).
+    The threshold stays put, as with the penalty; calibration after training removes what is left."""
+
+    kind = "density"
+
+    def __init__(self, num_routed: float, logit: float = 0.0, weight: float = 4.0, costs=None):
+        self.num_routed, self.logit, self.weight = num_routed, logit, weight
+
+    @property
+    def threshold(self) -> float:
+        return threshold_of(self.logit)
+
+    def density_target(self, target: float) -> float:
+        return min(1.0, max(0.0, 1.0 - target / self.num_routed))
+
+    def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> torch.Tensor:
+        if density is None:
+            raise ValueError("the density budget needs the per-unit densities (objectives.unit_density)")
+        return self.weight * (density - self.density_target(target)).pow(2).sum()
+
+    def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
+        pass
+
+    def log(self) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "logit": self.logit}
+
+    def load(self, d: dict) -> None:
+        self.logit = d["logit"]
+
+
+BUDGETS = {b.kind: b for b in (BudgetPenalty, BudgetThreshold, BudgetDensity)}

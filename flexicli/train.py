@@ -26,7 +26,7 @@ from . import distributed
 from .checkpoint import kill_point
 from .errors import BadInput
 from .layer import threshold_logit, threshold_of
-from .objectives import BUDGETS, distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn
+from .objectives import BUDGETS, distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn, unit_density
 from .teacher import cache_bytes
 
 TRAIN_STATE = "train_state.safetensors"
@@ -50,7 +50,7 @@ class TrainConfig:
     data: str = "selfgen"  # selfgen | prompts | docs | mix (selfgen + docs) | PATH (.jsonl/.txt) | Hub dataset id
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
-    budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile
+    budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile | density: per-unit target density
     router_init: str = "none"  # none: fresh routers | influence: fit them to token-level layer influence (router_init.py)
     adapter_init: str = "none"  # none: fresh adapters (add nothing) | fit: fitted to each layer's update before step 0 (adapter_init.py)
     ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
@@ -71,12 +71,15 @@ class TrainConfig:
             raise BadInput(f"unknown training settings {unknown}", f"known: {', '.join(sorted(known))}")
         return cls(**d)
 
-    def check(self, num_routed: int | None = None) -> None:
-        """`num_routed` None: only what can be checked before the model is loaded (the CLI checks flags early)."""
+    def check(self, num_routed: float | None = None) -> None:
+        """`num_routed` None: only what can be checked before the model is loaded (the CLI checks flags early); else
+        the most layer-equivalents a token can skip (FlexiModel.capacity: the routed layers, for `layer`)."""
         if self.skip_target < 0:
             raise BadInput(f"--skip-target {self.skip_target} is negative", "it is a count of layers to skip")
-        if num_routed is not None and self.skip_target > num_routed:
-            raise BadInput(f"--skip-target {self.skip_target} is outside 0..{num_routed} (the routed layers)")
+        if num_routed is not None and self.skip_target > num_routed + 1e-9:
+            what = "the routed layers" if float(num_routed).is_integer() else \
+                "layer-equivalents: the routed units' share of their layers' parameters"
+            raise BadInput(f"--skip-target {self.skip_target} is outside 0..{num_routed:g} ({what})")
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
                 raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
@@ -206,13 +209,14 @@ def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=
         with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
             student_h = decoder(input_ids=batch).last_hidden_state
         skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
+        density = unit_density(fm.state.gates) if budget.kind == "density" else None
         logits = gate_logits(fm.state.gates)
         margin = gate_margin(fm.state.gates, budget.logit).mean() if cfg.margin_weight else 0.0
     finally:
         fm.state.gates = None
     if cfg.objective == "kl":
         main, agree = distill_loss(student_h, teacher_h, head)
-        extra = budget.loss(target, skipped_st) + cfg.margin_weight * margin
+        extra = budget.loss(target, skipped_st, density) + cfg.margin_weight * margin
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()
@@ -231,7 +235,7 @@ def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
 
 @torch.no_grad()
 def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8, prefix: torch.Tensor | None = None) -> float:
-    """Mean routed layers skipped per token (routed pass only: what threshold calibration needs). `prefix`: the
+    """Mean routed layers skipped per token, in layer-equivalents (routed pass only: what threshold calibration needs). `prefix`: the
     hidden states entering the first routed layer (TeacherCache.prefix), so the layers before it are not rerun."""
     from .teacher import start_at_first_routed
 
@@ -241,7 +245,7 @@ def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8, prefix: torch.Tens
         start = start_at_first_routed(fm, prefix[i:i + batch_size].to(device)) if prefix is not None else nullcontext()
         with fm.routing("routed"), fm.record() as rec, start:
             decoder(input_ids=rows[i:i + batch_size].to(device))
-        skipped += (~rec.decisions()).float().sum().item()
+        skipped += rec.skipped_layers().sum().item()
     return skipped / rows.numel()
 
 
@@ -339,7 +343,10 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
           log=print) -> dict:
     """Train `fm` in place. `rows`/`heldout` ([n, seq_len] token ids) override the text data (tests, tiny models).
     `stop_after` ends the run after that many steps as if it were killed there (tests of --resume)."""
-    cfg.check(len(fm.config.routed_layers))
+    cfg.check(fm.capacity)
+    if fm.config.skip_unit != "layer" and (cfg.warm_start or cfg.adapter_init == "fit"):
+        raise BadInput(f"--router-init influence and --adapter-init fit fit whole layers; this checkpoint's skip unit "
+                       f"is {fm.config.skip_unit!r}", "train it with --router-init none --adapter-init none")
     folder = Path(folder) if folder else fm.path
     # -- distributed (flexicli/distributed.py; a no-op for one process): shard/move the model, quiet ranks > 0 --
     dist = distributed.current()
@@ -356,7 +363,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     params = fm.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
-    routers = [p for layer in fm.layers for p in layer.router.parameters()]
+    routers = [p for layer in fm.layers for r in layer.routers.values() for p in r.parameters()]
     adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
     opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
                             lr=cfg.lr, weight_decay=0.0)
@@ -379,7 +386,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             trim_metrics(folder / METRICS, start)
     # kl: the budget (objectives.BUDGETS) keeps the mean skipped count at the target; lm (FlexiDepth): the threshold
     # stays where it is and their penalty alpha * (sum of gates)^2 sets the count
-    budget = BUDGETS[cfg.budget](len(fm.config.routed_layers), logit=threshold_logit(fm.state.threshold))
+    budget = BUDGETS[cfg.budget](fm.capacity, logit=threshold_logit(fm.state.threshold), costs=fm.unit_costs)
     if budget_state is not None:
         budget.load(budget_state)
         if cfg.objective == "kl":

@@ -186,7 +186,8 @@ def _print_report(r: dict) -> None:
     table.add_row("first greedy divergence (mean)",
                   f"{_fmt(r.get('greedy_first_divergence'))} of {r.get('greedy_new_tokens', '-')}", "", "")
     table.add_row("mean skipped layers / token",
-                  f"{r['mean_skipped_layers']:.2f} of {len(r['per_layer_skip_rate'])}", "", "")
+                  f"{r['mean_skipped_layers']:.2f} of {r.get('skip_capacity', len(r['per_layer_skip_rate'])):g}"
+                  " (layer-equivalents)", "", "")
     out.print(table)
     if r.get("yardstick"):
         ys = r["yardstick"]
@@ -194,7 +195,7 @@ def _print_report(r: dict) -> None:
                   f"(int8: KL {_fmt(ys['int8']['kl'])}, p99 {_fmt(ys['int8']['kl_p99'])}, top-1 "
                   f"{_fmt(ys['int8']['top1_agreement'], True)}; int4 g32: KL {_fmt(ys['int4']['kl'])}, p99 "
                   f"{_fmt(ys['int4']['kl_p99'])}, top-1 {_fmt(ys['int4']['top1_agreement'], True)})")
-    out.print("skip rate per routed layer: " + "  ".join(
+    out.print("skip rate per routed unit: " + "  ".join(
         f"{layer}:{100 * rate:.0f}%" for layer, rate in r["per_layer_skip_rate"].items()))
     if r.get("task_scores"):
         tasks = Table(title="task suite (mean score; retention = routed / original)")

@@ -10,7 +10,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 
 @click.command("train", help="Distil the routed model against the original model under a layer budget.")
 @model_option
-@click.option("--skip-target", type=float, default=None, help="Mean layers to skip per token (required unless the recipe sets it).")
+@click.option("--skip-target", type=float, default=None, help="Mean layers to skip per token, in layer-equivalents: a skipped attention or MLP sublayer (skip unit module/mlp) counts its share of the layer's parameters (required unless the recipe sets it).")
 @click.option("--data", default=None, help="selfgen (default: the model's own answers to built-in prompts) | mix (selfgen, about half the rows, and documentation of installed packages) | docs | prompts | PATH (.jsonl with messages, text or input_ids per line; .txt) | Hub dataset id. input_ids rows (token ids, packed as given) train a model that has no tokenizer.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default 300).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch (default 4).")
@@ -19,7 +19,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--lr", type=float, default=None, help="Peak learning rate, cosine schedule with warm-up (default 2e-3).")
 @click.option("--seed", type=int, default=None)
 @click.option("--objective", type=click.Choice(["kl", "lm"]), default=None, help="kl: distillation (default); lm: FlexiDepth's LM loss + alpha*(sum w)^2.")
-@click.option("--budget", type=click.Choice(["penalty", "threshold"]), default=None, help="How the skip target is met. penalty: a PI-controlled Lagrange term (default); threshold: the threshold follows the quantile of the router logits.")
+@click.option("--budget", type=click.Choice(["penalty", "threshold", "density"]), default=None, help="How the skip target is met. penalty: a PI-controlled Lagrange term (default); threshold: the threshold follows the quantile of the router logits; density: the seed paper's regulariser pulling each routed unit's share of running tokens toward one target density.")
 @click.option("--router-init", type=click.Choice(["none", "influence"]), default=None, help="none: start from the fresh routers (default); influence: first fit the routers to each layer's token-level influence.")
 @click.option("--adapter-init", type=click.Choice(["fit", "none"]), default=None, help="none: fresh adapters that add nothing (default); fit: before step 0, fit each adapter to the update its layer makes (least squares, then a short local MSE phase).")
 @click.option("--alpha", type=float, default=None, help="FlexiDepth penalty weight (objective lm).")
@@ -73,5 +73,5 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
         if key in summary:
             table.add_row(key, f"{summary[key]:.4f}")
     rates = summary.get("per_layer_skip_rate", {})
-    table.add_row("per-layer skip rate", " ".join(f"{k}:{v:.2f}" for k, v in rates.items()))
+    table.add_row("per-unit skip rate", " ".join(f"{k}:{v:.2f}" for k, v in rates.items()))
     Console().print(table)
