@@ -60,6 +60,8 @@ class DecodeEngine:
         cfg = hf_model.config
         if fm is not None and fm.state.gate_mode != "ste":
             raise UnsupportedModel("the decode engine implements hard routing (gate mode 'ste'), not 'scale'")
+        if fm is not None and fm.config.skip_unit != "layer":
+            raise UnsupportedModel(f"the decode engine routes whole layers, not skip unit {fm.config.skip_unit!r}")
         if cfg.model_type not in _SUPPORTED:
             raise UnsupportedModel(f"the GPU decode engine covers {', '.join(_SUPPORTED)}, not {cfg.model_type!r}")
         window = getattr(cfg, "sliding_window", None)
@@ -254,6 +256,8 @@ def engine_available(fm) -> str | None:
         return f"the engine covers {', '.join(_SUPPORTED)}"
     if fm.state.gate_mode != "ste":
         return "the engine implements hard routing (gate mode 'ste')"
+    if fm.config.skip_unit != "layer":
+        return f"the engine routes whole layers (skip unit 'layer'), not {fm.config.skip_unit!r}"
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -33,11 +33,16 @@ class TokenLayers:
 
     token_id: int
     text: str  # the characters this token adds to the decoded text (may be "" for half a UTF-8 character)
-    layers_used: int  # decoder layers that ran for this token: the unrouted ones plus the routed ones it ran
-    skipped_layers: list[int]  # indices of the decoder layers it skipped
+    layers_used: int | float  # decoder layers that ran for this token: the unrouted ones plus the routed ones it
+    #                           ran; in layer-equivalents for skip units module/mlp (flexicli/units.py)
+    skipped_layers: list[int]  # indices of the decoder layers it skipped (module/mlp: all of whose units it skipped)
+    skipped_units: list[str] | None = None  # module/mlp only: the routed units it skipped ("17.attn", "17.mlp")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["skipped_units"] is None:  # skip unit `layer`: the layers say it all
+            del d["skipped_units"]
+        return d
 
 
 @dataclass
@@ -110,6 +115,9 @@ class LayerModel:
         cfg = model.config
         self.num_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
         self.routed_layers = list(flexi.config.routed_layers) if flexi is not None else []
+        self.unit_keys = list(flexi.unit_keys) if flexi is not None else []  # = routed_layers for skip unit `layer`
+        self.unit_costs = list(flexi.unit_costs) if flexi is not None else []
+        self.capacity = flexi.capacity if flexi is not None else 0  # most layer-equivalents a token can skip
 
     @classmethod
     def from_flexi(cls, fm, source: str | None = None) -> "LayerModel":
@@ -226,7 +234,7 @@ def generate_tokens(lm: LayerModel, prompt_ids: list[int], max_new_tokens: int =
     sampling.reset()
     stop = set(lm.stop_ids() if stop_ids is None else stop_ids)
     detok = Detokenizer(decode) if decode is not None else lm.decoder()
-    routed = lm.routed_layers if (lm.flexi is not None and not original) else []
+    routed = lm.unit_keys if (lm.flexi is not None and not original) else []  # routed layers, or units
     device = next(lm.model.parameters()).device
 
     # The routing knobs and the recording stay set while the generator runs (between yields too); inference
@@ -250,13 +258,21 @@ def generate_tokens(lm: LayerModel, prompt_ids: list[int], max_new_tokens: int =
             if recording is not None:
                 step = recording.raw[before:]
                 if [i for i, _ in step] != routed:
-                    raise RuntimeError(f"expected one decision per routed layer {routed}, got {[i for i, _ in step]}")
+                    raise RuntimeError(f"expected one decision per routed unit {routed}, got {[i for i, _ in step]}")
                 ran = torch.stack([mask[0] for _, mask in step], dim=-1).cpu()
             return out.logits[0, -1], ran
 
         def layers_of(token_id: int, ran: torch.Tensor | None) -> TokenLayers:
-            skipped = [] if ran is None else [layer for layer, r in zip(routed, ran[-1].tolist()) if not r]
-            return TokenLayers(token_id, detok.push(token_id), lm.num_layers - len(skipped), skipped)
+            skipped = [] if ran is None else [key for key, r in zip(routed, ran[-1].tolist()) if not r]
+            if not routed or isinstance(routed[0], int):  # skip unit `layer`
+                return TokenLayers(token_id, detok.push(token_id), lm.num_layers - len(skipped), skipped)
+            from .units import unit_label
+
+            cost = dict(zip(lm.unit_keys, lm.unit_costs))
+            saved = sum(cost[k] for k in skipped)
+            whole = sorted({i for i, _ in skipped if all(k in skipped for k in routed if k[0] == i)})
+            return TokenLayers(token_id, detok.push(token_id), round(lm.num_layers - saved, 4), whole,
+                               [unit_label(k) for k in skipped])
 
         logits, _ = forward(list(prompt_ids))
         token = sampling.pick(logits)
@@ -310,5 +326,7 @@ def depth_colour(layers_used: int, fewest: int, most: int) -> str:
 
 
 def layer_range(lm: LayerModel) -> tuple[int, int]:
-    """(fewest, most) layers a token can use on this model."""
+    """(fewest, most) layers a token can use on this model (layer-equivalents: units.py)."""
+    if lm.flexi is not None and lm.unit_keys != lm.routed_layers:  # skip units module / mlp
+        return round(lm.num_layers - lm.capacity, 4), lm.num_layers
     return lm.num_layers - len(lm.routed_layers), lm.num_layers

@@ -90,6 +90,10 @@ def collect(lm: LayerModel, prompts: list[Prompt], max_new_tokens: int = 48, thr
     """Greedy generation for each prompt; one record per generated token. `encode` defaults to the model's
     chat template (or raw text without one); `kw` goes to generate (e.g. decode= for tokenizer-less models)."""
     routed = lm.routed_layers
+    if lm.flexi is not None and lm.unit_keys != routed:  # skip units module / mlp (flexicli/units.py)
+        raise BadInput(f"flexi patterns shows per-layer usage; per-unit usage for skip unit "
+                       f"{lm.flexi.config.skip_unit!r} is not built yet",
+                       "flexi generate --show-layers --json gives each token's skipped units")
     records = []
     for i, p in enumerate(prompts):
         if on_prompt is not None:

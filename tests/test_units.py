@@ -147,3 +147,43 @@ def test_fingerprint_ignores_the_new_routers():
     original = tiny_model("gpt2")
     fm = FlexiModel.wrap(copy.deepcopy(original), routed_layers=[1], base_model="tiny", skip_unit="module")
     assert fingerprint(fm.model) == fingerprint(original)
+
+
+@pytest.mark.parametrize("unit", ["module", "mlp"])
+def test_generate_counts_layer_equivalents_and_names_the_units(unit):
+    """Each generated token carries the units it skipped (as a full forward records them) and its layer count in
+    layer-equivalents; the JSON has the per-unit decisions."""
+    from flexicli.generate import LayerModel, Sampling, generate, layer_range
+    from tiny_text import NUM_LAYERS, ROUTED, tiny_talking_model
+
+    fm = FlexiModel.wrap(tiny_talking_model(), routed_layers=ROUTED, base_model="tiny", skip_unit=unit)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in fm.layers:
+            for r in layer.routers.values():
+                r.head.weight.copy_(torch.randn(r.head.weight.shape, generator=g) * 40.0)
+                r.bias.zero_()
+    lm = LayerModel.from_flexi(fm, "tiny")
+    prompt = [5, 9, 17, 33]
+    out = generate(lm, prompt, 12, Sampling(temperature=1.0, seed=3), decode=lambda ids: "".join(map(str, ids)),
+                   stop_ids=[])
+    with torch.no_grad(), fm.record() as rec:
+        fm.model(torch.tensor([prompt + [t.token_id for t in out.tokens]]))
+    dec = rec.decisions()[0, len(prompt):]
+    cost = dict(zip(fm.unit_labels, fm.unit_costs))
+    for tok, row in zip(out.tokens, dec, strict=True):
+        want = [label for label, ran in zip(fm.unit_labels, row.tolist()) if not ran]
+        assert tok.skipped_units == want
+        assert tok.layers_used == pytest.approx(NUM_LAYERS - sum(cost[u] for u in want), abs=1e-4)
+        assert tok.to_dict()["skipped_units"] == want
+    assert len({tuple(t.skipped_units) for t in out.tokens}) >= 2, "the planted routers should vary by token"
+    assert layer_range(lm) == (pytest.approx(NUM_LAYERS - fm.capacity), NUM_LAYERS)
+
+
+def test_patterns_refuses_units_it_cannot_show_yet():
+    from flexicli.generate import LayerModel
+    from flexicli.patterns import builtin_prompts, collect
+
+    lm = LayerModel.from_flexi(wrap(skip_unit="mlp"), "tiny")
+    with pytest.raises(BadInput, match="per-unit usage for skip unit 'mlp' is not built yet"):
+        collect(lm, builtin_prompts()[:1], max_new_tokens=2)

@@ -138,7 +138,7 @@ class Turn:
         fewest, most = layer_range(self.lm)
         if legend and not self.plain:
             line = Text("layers used: ")
-            for n in range(fewest, most + 1, max(1, (most - fewest + 1) // 16)):
+            for n in range(int(fewest), most + 1, max(1, int(most - fewest + 1) // 16)):
                 line.append(f"{n} ", style=depth_colour(n, fewest, most))
             self.out.print(line)
         who = f"{label}: " if label else ""
