@@ -1,7 +1,8 @@
 """The model class that stock transformers runs for an exported folder (`trust_remote_code=True`).
 
 `flexi export` writes `modeling_flexi.py` from flexicli's own source files, so there is one implementation
-of a routed layer: errors.py, families.py, units.py, module_routing.py and layer.py (export._SOURCES), then this file, each with its relative imports
+of a routed layer: errors.py, families.py, units.py, module_routing.py and layer.py (export._SOURCES), then this
+file, each with its relative imports
 removed, then one generated line naming the base class of the exported model, e.g.
 
     class FlexiForCausalLM(FlexiMixin, LlamaForCausalLM):

@@ -50,7 +50,8 @@ class TrainConfig:
     data: str = "selfgen"  # selfgen | prompts | docs | mix (selfgen + docs) | PATH (.jsonl/.txt) | Hub dataset id
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
-    budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile | density: per-unit target density
+    budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile
+    #                          | density: per-unit target density (objectives.BudgetDensity)
     router_init: str = "none"  # none: fresh routers | influence: fit them to token-level layer influence (router_init.py)
     adapter_init: str = "none"  # none: fresh adapters (add nothing) | fit: fitted to each layer's update before step 0 (adapter_init.py)
     ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
@@ -235,8 +236,9 @@ def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
 
 @torch.no_grad()
 def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8, prefix: torch.Tensor | None = None) -> float:
-    """Mean routed layers skipped per token, in layer-equivalents (routed pass only: what threshold calibration needs). `prefix`: the
-    hidden states entering the first routed layer (TeacherCache.prefix), so the layers before it are not rerun."""
+    """Mean routed layers skipped per token, in layer-equivalents (routed pass only: what threshold calibration
+    needs). `prefix`: the hidden states entering the first routed layer (TeacherCache.prefix), so the layers before
+    it are not rerun."""
     from .teacher import start_at_first_routed
 
     decoder, device = decoder_of(fm.model), next(fm.model.parameters()).device

@@ -127,8 +127,8 @@ def draw_case(family: str, seed: int, unit: str = "layer", n_layers: int = 2) ->
         gates.append([torch.tensor([[_gate(rng, r, threshold) for r in row] for row in d], dtype=torch.float32)
                       for d in dec])
         patterns.append(pat)
-    return Case(family, seed, unit, b, pads, chunks, threshold, gate_mode, attn, config, position_ids, ids, mask, runs, gates,
-                patterns)
+    return Case(family, seed, unit, b, pads, chunks, threshold, gate_mode, attn, config, position_ids, ids, mask, runs,
+                gates, patterns)
 
 
 class RecordingCache(DynamicCache):

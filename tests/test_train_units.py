@@ -24,8 +24,8 @@ def setup(unit="module", router="flexidepth", tmp_path=None):
 
 def test_gate_stats_count_layer_equivalents():
     w = torch.tensor([[0.9, 0.2, 0.3]], requires_grad=True)  # one token, three units: attn 0.25, mlp 0.75, layer 1
-    gates = [(k, w[:, i:i + 1], w[:, i:i + 1] > 0.5, c) for i, (k, c) in enumerate([((0, "attn"), 0.25), ((0, "mlp"), 0.75),
-                                                                         (1, 1.0)])]
+    units = [((0, "attn"), 0.25), ((0, "mlp"), 0.75), (1, 1.0)]
+    gates = [(k, w[:, i:i + 1], w[:, i:i + 1] > 0.5, c) for i, (k, c) in enumerate(units)]
     skipped, _, rates = gate_stats(gates)
     assert skipped.item() == pytest.approx(0.75 + 1.0) and rates.tolist() == [0.0, 1.0, 1.0]
     skipped.sum().backward()
