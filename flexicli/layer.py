@@ -59,6 +59,27 @@ def _centred(w: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.sigmoid(torch.logit(w, eps=1e-7) - threshold_logit(threshold))
 
 
+def capacity_decisions(w: torch.Tensor, share: float) -> tuple[torch.Tensor, float]:
+    """Training with per-layer capacities (objectives.BudgetCapacity): the round(share * tokens) tokens with the
+    lowest gates skip, the rest run. Returns (run mask, the gate between the two groups, which centres the
+    straight-through gate as the threshold does otherwise)."""
+    k = int(round(share * w.numel()))
+    if k <= 0:
+        return torch.ones_like(w, dtype=torch.bool), float(w.detach().min()) / 2
+    flat = w.detach().flatten()
+    if k >= flat.numel():
+        return torch.zeros_like(w, dtype=torch.bool), min(1 - 1e-7, (1 + float(flat.max())) / 2)
+    low = flat.kthvalue(k).values
+    high = flat.kthvalue(k + 1).values
+    run = w > low
+    if int((~run).sum()) != k:  # ties (saturated gates): break them by position so exactly k skip
+        order = flat.argsort(stable=True)
+        run = torch.ones_like(flat, dtype=torch.bool)
+        run[order[:k]] = False
+        run = run.view_as(w)
+    return run, float(low + high) / 2
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -166,6 +187,7 @@ class RoutingState:
     gates: list | None = None  # when a list: each layer appends (layer_index, w, run) for the training loss
     checkpointing: bool = False  # training: recompute each routed layer in backward instead of storing activations
     fast_path: bool = True  # without gradients, skipped tokens compute only K/V (False: the reference path)
+    capacity: dict | None = None  # training with budget "capacity": {layer_index: share of tokens that skip}
     MODES: tuple = field(default=("routed", "full", "run", "skip", "fixed"), repr=False)
 
 
@@ -235,16 +257,20 @@ class FlexiLayer(nn.Module):
         attn_norm = self._part(self.parts.attn_norm)
         z = attn_norm(hidden_states) if attn_norm is not None else hidden_states
         w = self.router(z) if torch.is_grad_enabled() else self.router.infer(z)
-        run = self._decisions(w)
+        centre = state.threshold
+        if state.capacity is not None and state.mode == "routed" and self.layer_index in state.capacity:
+            run, centre = capacity_decisions(w, state.capacity[self.layer_index])
+        else:
+            run = self._decisions(w)
         if state.records is not None:
             state.records.append((self.layer_index, run.detach()))
         if state.gates is not None:
             state.gates.append((self.layer_index, w, run))
         if state.fast_path and state.gates is None and not torch.is_grad_enabled():
             return self._fast_forward(hidden_states, z, w, run, call)
-        return self._reference_forward(hidden_states, z, w, run, call)
+        return self._reference_forward(hidden_states, z, w, run, call, centre)
 
-    def _reference_forward(self, hidden_states, z, w, run, call):
+    def _reference_forward(self, hidden_states, z, w, run, call, centre: float | None = None):
         """Every token computes attention; a skipped token's output is dropped. Used for training (the
         straight-through gate needs both branches) and for families the fast path does not cover."""
         p, state = self.parts, self.state
@@ -256,7 +282,7 @@ class FlexiLayer(nn.Module):
         soft = torch.is_grad_enabled()
         gate = run.to(a.dtype)
         if soft and state.gate_mode == "ste":
-            g = _centred(w, state.threshold)
+            g = _centred(w, state.threshold if centre is None else centre)
             gate = gate + (g - g.detach()).to(a.dtype)
         h = hidden_states + gate.unsqueeze(-1) * a
 

@@ -1,5 +1,6 @@
 """What training optimises: distillation against the original model (ours) or FlexiDepth's LM objective, and the
-budget that makes the mean number of skipped layers hit its target (a PI-controlled penalty, or a quantile threshold)."""
+budget that makes the mean number of skipped layers hit its target (per-layer capacities, a PI-controlled penalty, or
+a quantile threshold)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,16 @@ def gate_stats(gates):
 
 
 def gate_margin(gates, center: float, width: float = 1.0) -> torch.Tensor:
-    """Per token, summed over routed layers: how far inside +-width of the threshold (in logit space) the gates sit.
+    """Per token, summed over routed layers: how far a gate sits on the wrong side of `center +- width` (in logit
+    space) for its decision: a running token's logit should be above center + width, a skipping token's below
+    center - width. With threshold decisions (run iff logit > center) that is plain distance to the threshold.
     Why: with straight-through decisions the threshold attracts gates (the budget pushes every gate down, the KL
     pushes a gate back up only once its token skips), so they bunch there and a small shift flips many tokens at
-    once. Penalising this pushes each gate off the threshold, to the side it is on."""
+    once; and with per-layer capacities (decisions by rank) it makes the one threshold used at inference (`center`)
+    reproduce the decisions made in training."""
     w = torch.stack([g[1] for g in gates], dim=-1).float()
-    return torch.relu(width - (torch.logit(w, eps=1e-6) - center).abs()).sum(-1)
+    side = torch.stack([g[2] for g in gates], dim=-1).float() * 2 - 1
+    return torch.relu(width - side * (torch.logit(w, eps=1e-6) - center)).sum(-1)
 
 
 def gate_logits(gates) -> torch.Tensor:
@@ -107,6 +112,9 @@ class BudgetPenalty:
     @property
     def threshold(self) -> float:
         return threshold_of(self.logit)
+
+    def capacity(self, target: float) -> None:
+        return None  # the routers' own threshold decides
 
     def loss(self, target: float, skipped_st: torch.Tensor) -> torch.Tensor:
         return self.lam * (target - skipped_st.mean())
@@ -147,6 +155,9 @@ class BudgetThreshold:
         """The same threshold on the router's gate w = sigmoid(logit)."""
         return threshold_of(self.logit)
 
+    def capacity(self, target: float) -> None:
+        return None
+
     def loss(self, target: float, skipped_st: torch.Tensor) -> float:
         return 0.0
 
@@ -171,4 +182,59 @@ class BudgetThreshold:
         self.logit = d["logit"]
 
 
-BUDGETS = {b.kind: b for b in (BudgetPenalty, BudgetThreshold)}
+class BudgetCapacity:
+    """Per-layer capacities: in every training micro-batch, routed layer l is skipped by exactly a share s_l of the
+    tokens, those with its lowest router logits (picked inside the forward pass, layer.capacity_decisions), with
+    sum_l s_l = target. The count is exact at every step by construction, with no feedback loop to overshoot or
+    lag. Why: the penalty's multiplier acts on every token of a router at once, so tokens cross the threshold in
+    crowds (the count cycles, and with cheap fitted adapters a whole router crosses in one step); the quantile
+    threshold lags routers that distillation pushes up every step.
+
+    The shares follow the routers: after each step, the logits of all routed layers are pooled, the quantile below
+    which a share target / L of them lies is taken, and each layer's share moves (momentum) toward the fraction of
+    its own logits below it. So a layer whose logits the distillation keeps low is given more of the budget. That
+    pooled quantile is also the threshold saved for inference (a global threshold, calibrated after training on
+    held-out text), which reproduces the trained allocation on the training distribution."""
+
+    kind = "capacity"
+
+    def __init__(self, num_routed: int, logit: float = 0.0, momentum: float = 0.8):
+        self.num_routed, self.logit, self.momentum = num_routed, logit, momentum
+        self.alloc: list[float] | None = None  # mean 1 over layers: layer l gets alloc[l] * target / L
+
+    @property
+    def threshold(self) -> float:
+        return threshold_of(self.logit)
+
+    def capacity(self, target: float) -> list[float] | None:
+        """Per routed layer (in order), the share of tokens to skip; None before the first observation (then the
+        threshold decides: fresh routers skip nothing, warm-started ones about the target)."""
+        if self.alloc is None:
+            return None
+        return [min(1.0, max(0.0, a * target / self.num_routed)) for a in self.alloc]
+
+    def loss(self, target: float, skipped_st: torch.Tensor) -> float:
+        return 0.0
+
+    def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
+        x = torch.cat([t.reshape(-1, self.num_routed) for t in logits]).float()
+        share = min(max(target / self.num_routed, 0.0), 1.0)
+        if share <= 0.0 or share >= 1.0:
+            return
+        tau = float(torch.quantile(x.flatten()[:2**24], share))
+        observed = ((x < tau).float().mean(0) / share).tolist()
+        m = self.momentum if self.alloc is not None else 0.0
+        self.alloc = [m * a + (1 - m) * o for a, o in zip(self.alloc or observed, observed)]
+        self.logit = tau
+
+    def log(self) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "logit": self.logit, "alloc": self.alloc}
+
+    def load(self, d: dict) -> None:
+        self.logit, self.alloc = d["logit"], d.get("alloc")
+
+
+BUDGETS = {b.kind: b for b in (BudgetPenalty, BudgetThreshold, BudgetCapacity)}

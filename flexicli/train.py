@@ -43,14 +43,14 @@ class TrainConfig:
     seq_len: int = 256
     lr: float = 2e-3  # adapters; routers get lr * router_lr_scale
     router_lr_scale: float = 0.15  # a router's decision is a cliff: small steps keep tokens from flipping en masse
-    margin_weight: float = 0.0  # > 0: push gates off the threshold (objectives.gate_margin)
+    margin_weight: float | None = None  # > 0: push gates off the threshold (objectives.gate_margin); None: 0.05 under budget capacity, else 0
     warmup: int = 20
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     seed: int = 0
     data: str = "selfgen"  # selfgen | prompts | docs | mix (selfgen + docs) | PATH (.jsonl/.txt) | Hub dataset id
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
-    budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile
+    budget: str = "penalty"  # penalty: PI-controlled Lagrange term (objectives.BudgetPenalty) | threshold: quantile | capacity: per-layer shares
     router_init: str = "none"  # none: fresh routers | influence: fit them to token-level layer influence (router_init.py)
     adapter_init: str = "none"  # none: fresh adapters (add nothing) | fit: fitted to each layer's update before step 0 (adapter_init.py)
     ramp: float = 0.3  # share of the steps over which the skip target ramps up from 0
@@ -88,6 +88,14 @@ class TrainConfig:
             raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
         if self.adapter_init not in ("fit", "none"):
             raise BadInput(f"adapter_init must be 'fit' or 'none', not {self.adapter_init!r}")
+
+    @property
+    def margin(self) -> float:
+        """The margin weight in effect: under per-layer capacities the margin is what makes the one inference
+        threshold reproduce the trained decisions (objectives.gate_margin), so it is on by default there."""
+        if self.margin_weight is not None:
+            return self.margin_weight
+        return 0.05 if self.budget == "capacity" else 0.0
 
     @property
     def warm_start(self) -> bool:
@@ -202,21 +210,30 @@ def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=
         with torch.no_grad(), fm.routing("full"):
             teacher_h = decoder(input_ids=batch).last_hidden_state
     fm.state.gates = []
+    shares = budget.capacity(target) if cfg.objective == "kl" else None
+    # kept until after backward: gradient checkpointing recomputes each layer there and must take the same decisions
+    fm.state.capacity = dict(zip(fm.config.routed_layers, shares)) if shares is not None else None
     try:
         with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
             student_h = decoder(input_ids=batch).last_hidden_state
         skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
         logits = gate_logits(fm.state.gates)
-        margin = gate_margin(fm.state.gates, budget.logit).mean() if cfg.margin_weight else 0.0
+        margin = gate_margin(fm.state.gates, budget.logit).mean() if cfg.margin else 0.0
+    except BaseException:
+        fm.state.capacity = None
+        raise
     finally:
         fm.state.gates = None
     if cfg.objective == "kl":
         main, agree = distill_loss(student_h, teacher_h, head)
-        extra = budget.loss(target, skipped_st) + cfg.margin_weight * margin
+        extra = budget.loss(target, skipped_st) + cfg.margin * margin
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()
-    ((main + extra) / cfg.grad_accum).backward()
+    try:
+        ((main + extra) / cfg.grad_accum).backward()
+    finally:
+        fm.state.capacity = None
     return {"loss": main.item(), "agree": agree.item(), "skipped": skipped_st.mean().item(),
             "layer_skip": layer_skip.detach().cpu(), "logits": logits}
 

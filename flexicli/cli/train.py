@@ -19,7 +19,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--lr", type=float, default=None, help="Peak learning rate, cosine schedule with warm-up (default 2e-3).")
 @click.option("--seed", type=int, default=None)
 @click.option("--objective", type=click.Choice(["kl", "lm"]), default=None, help="kl: distillation (default); lm: FlexiDepth's LM loss + alpha*(sum w)^2.")
-@click.option("--budget", type=click.Choice(["penalty", "threshold"]), default=None, help="How the skip target is met. penalty: a PI-controlled Lagrange term (default); threshold: the threshold follows the quantile of the router logits.")
+@click.option("--budget", type=click.Choice(["penalty", "threshold", "capacity"]), default=None, help="How the skip target is met. penalty: a PI-controlled Lagrange term (default); threshold: the threshold follows the quantile of the router logits; capacity: each layer is skipped by exactly its share of a batch's tokens (lowest gates), shares following the routers.")
 @click.option("--router-init", type=click.Choice(["none", "influence"]), default=None, help="none: start from the fresh routers (default); influence: first fit the routers to each layer's token-level influence.")
 @click.option("--adapter-init", type=click.Choice(["fit", "none"]), default=None, help="none: fresh adapters that add nothing (default); fit: before step 0, fit each adapter to the update its layer makes (least squares, then a short local MSE phase).")
 @click.option("--alpha", type=float, default=None, help="FlexiDepth penalty weight (objective lm).")
