@@ -32,7 +32,7 @@ def setup(tmp_path=None, family="llama"):
 
 def cfg(**kw):
     base = dict(skip_target=1.0, steps=12, batch_size=4, seq_len=32, lr=1e-2, warmup=2, eval_every=100,
-                save_every=100, calibrate=False)
+                save_every=100, calibrate=False, budget="penalty", router_init="none", adapter_init="none")
     return TrainConfig(**{**base, **kw})
 
 
