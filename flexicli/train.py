@@ -37,7 +37,7 @@ METRICS = "metrics.jsonl"
 @dataclass
 class TrainConfig:
     skip_target: float
-    steps: int = 150  # with the other defaults, convert + train of SmolLM2-135M fit in 60 min on 2 CPU cores (README)
+    steps: int = 140  # with the other defaults, convert + train of SmolLM2-135M fit in 60 min on 2 CPU cores (README)
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256
