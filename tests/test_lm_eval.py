@@ -189,6 +189,8 @@ def test_bad_input_is_one_line(checkpoint, tmp_path, monkeypatch):
     line = one_error_line(flexi_here("eval", "-m", str(checkpoint), "--lm-eval-tasks", "flexi_mc",
                                      "--lm-eval-include", str(tmp_path / "nowhere")))
     assert "no such task folder" in line
+    line = one_error_line(flexi_here("eval", "-m", str(checkpoint), "--lm-eval-limit", "5"))
+    assert "no lm-eval task named" in line
     monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", None)  # as if the extra were not installed
     line = one_error_line(flexi_here("eval", "-m", str(checkpoint), "--lm-eval-tasks", "flexi_mc"))
     assert "lm-evaluation-harness is not installed" in line and "flexicli[lm-eval]" in line

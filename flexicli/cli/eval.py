@@ -82,7 +82,8 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
     if data is not None and not Path(data).is_file():  # checked before the slow load
         raise BadInput(f"no such data file: {data}", "pass a .jsonl or .txt file to --data")
     harness = None
-    if lm_eval_tasks is not None or lm_eval_include:  # the task names too: an unknown one fails before the load
+    if lm_eval_tasks is not None or lm_eval_include or lm_eval_limit or lm_eval_fewshot is not None:
+        # checked before the slow load, the task names too: an --lm-eval-* option without tasks is an error
         from ..lm_eval import task_specs
 
         names = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
