@@ -446,6 +446,11 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
                 "(tokens not fitted on)")
         if adapter_report["not_fitted"]:
             log(f"adapters not fitted (their output passes through a norm): layers {adapter_report['not_fitted']}")
+    if start == 0 and fm.config.training:  # a new run: no fit reports of an earlier run carried over
+        fm.config.training = {k: v for k, v in fm.config.training.items() if k not in ("router_fit", "adapter_fit")}
+    if init_report or adapter_report:  # kept in the checkpoint from the first save on: a resumed run reports them too
+        fits = {"router_fit": init_report, "adapter_fit": adapter_report}
+        fm.config.training = {**(fm.config.training or {}), **{k: v for k, v in fits.items() if v}}
     # fresh routers: the target ramps up from 0, so the adapters learn while few tokens skip
     ramp_steps = (cfg.ramp if cfg.ramp is not None else 0.0 if warm else 0.3) * cfg.steps
 
@@ -508,10 +513,9 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             from .data import heldout_prompts
 
             summary.update(greedy_agreement(fm, heldout_prompts(10)))
-    if init_report:
-        summary["router_fit"] = init_report
-    if adapter_report:
-        summary["adapter_fit"] = adapter_report
+    for key in ("router_fit", "adapter_fit"):  # from before step 0, possibly in an earlier process (--resume)
+        if (fm.config.training or {}).get(key):
+            summary[key] = fm.config.training[key]
     if folder:
         dist.on_main(save_training, fm, folder, cfg, cfg.steps, opt, budget, summary)
     return summary
