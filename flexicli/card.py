@@ -148,13 +148,33 @@ def _evaluation(config: FlexiConfig) -> list[str]:
     verdict = {True: "**passed**", False: "**failed**"}.get(e.get("passed"), "no verdict")
     if e.get("passed") is False and e.get("failed_checks"):
         verdict += f" ({'; '.join(map(str, e['failed_checks']))})"
-    rows = [(k, v) for k, v in _scalars(e) if k != "passed"]
+    rows = [(k, v) for k, v in _scalars(e) if k != "passed" and not k.startswith("lm_eval.")]
     ys = e.get("yardstick") if isinstance(e.get("yardstick"), dict) else {}
     for name, metrics in ys.items():  # two levels deep: _scalars leaves them out
         if isinstance(metrics, dict):
             rows += [(f"yardstick.{name}.{k}", v) for k, v in metrics.items() if isinstance(v, (int, float))]
     return ["", "## Evaluation (against the original model, routing off)", "", f"Verdict: {verdict}.", "",
-            "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+            "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows] + _lm_eval(e.get("lm_eval"))
+
+
+def _lm_eval(h) -> list[str]:
+    """lm-evaluation-harness scores of both models, retention and flips (flexicli.lm_eval.compare's summary)."""
+    if not isinstance(h, dict) or not isinstance(h.get("tasks"), dict):
+        return []
+    limit = "all items" if h.get("limit") is None else f"the first {h['limit']} items per task"
+    out = ["", f"lm-evaluation-harness {h.get('lm_eval_version', '')} ({limit}): the original model (routing off) "
+           "and the routed one. Flips: the share of items whose correctness changed (correct -> wrong / "
+           "wrong -> correct).", "", "| task | metric | original | routed | retention | flips |", "|---|---|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v is None else _fmt(v)  # noqa: E731 - retention is None when the original scores 0
+    for task, row in h["tasks"].items():
+        f = row.get("flips") or {}
+        for metric, m in (row.get("metrics") or {}).items():
+            flip = ""
+            if metric == row.get("flip_metric") and f.get("items"):
+                flip = f"{fmt(f.get('correct_to_wrong'))} / {fmt(f.get('wrong_to_correct'))} of {f['items']}"
+            out.append(f"| {task} | {metric} | {fmt(m.get('original'))} | {fmt(m.get('routed'))} | "
+                       f"{fmt(m.get('retention'))} | {flip} |")
+    return out
 
 
 def _usage(config: FlexiConfig) -> list[str]:

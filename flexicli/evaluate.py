@@ -19,6 +19,10 @@ What is measured, always the routed model against the original:
                         (flexicli/units.py: a skipped attention or MLP sublayer counts its share of the layer's
                         parameters); per_layer_skip_rate per routed unit ("17", or "17.attn" / "17.mlp")
   retention             the built-in task suite (flexicli.tasks) on both: mean routed score / mean original score
+  task_flips            flips on the task suite (Dutta et al. 2024): the shares of items that went correct -> wrong
+                        and wrong -> correct; an item is correct when its score is >= 0.5 (see correct())
+  lm_eval               (lm_eval_tasks=[...], the lm-eval extra) lm-evaluation-harness tasks on both, with
+                        retention and flips per task (flexicli.lm_eval.compare)
 """
 
 from __future__ import annotations
@@ -214,6 +218,24 @@ def retention(original: Sequence[float], routed: Sequence[float]) -> float | Non
     return None if base == 0 else (sum(routed) / max(1, len(routed))) / base
 
 
+def flips(original: dict, routed: dict) -> dict:
+    """Flips (Dutta et al. 2024): item -> correct (bool) for both models, over the items both scored. Shares of
+    those items that went correct -> wrong and wrong -> correct, and their sum `flips`; None without items."""
+    common = [k for k in original if k in routed]
+    lost = sum(original[k] and not routed[k] for k in common)
+    gained = sum(routed[k] and not original[k] for k in common)
+    n = len(common)
+    share = (lambda x: x / n) if n else (lambda x: None)
+    return {"items": n, "correct_to_wrong": share(lost), "wrong_to_correct": share(gained),
+            "flips": share(lost + gained)}
+
+
+def correct(score: float) -> bool:
+    """An item of the task suite counts as correct when its score is >= 0.5: the score itself for the 0/1
+    categories (copy, repetition, arithmetic, factual QA), unigram F1 >= 0.5 for summarisation and continuation."""
+    return score >= 0.5
+
+
 # ---- inputs -------------------------------------------------------------------------------------------------
 def _ids(fm, item, chat: bool) -> list[int]:
     """A str through the tokenizer (a prompt through the chat template, if any), or token ids as they are."""
@@ -399,12 +421,18 @@ def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None) ->
             if tick:
                 tick(len(batch))
     per_category = {c: {"original": _mean(s["original"]), "routed": _mean(s["routed"]),
-                        "retention": retention(s["original"], s["routed"]), "items": len(s["original"])}
+                        "retention": retention(s["original"], s["routed"]), "items": len(s["original"]),
+                        "flips": _item_flips(s["original"], s["routed"])}
                     for c, s in scores.items()}
     everything = {k: [x for s in scores.values() for x in s[k]] for k in ("original", "routed")}
     return {"retention": retention(everything["original"], everything["routed"]),
             "task_score_original": _mean(everything["original"]), "task_score_routed": _mean(everything["routed"]),
-            "task_scores": per_category}
+            "task_scores": per_category, "task_flips": _item_flips(everything["original"], everything["routed"])}
+
+
+def _item_flips(original: Sequence[float], routed: Sequence[float]) -> dict:
+    """flips() over item scores in the same order for both models; correct() decides each item."""
+    return flips({i: correct(x) for i, x in enumerate(original)}, {i: correct(x) for i, x in enumerate(routed)})
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -417,7 +445,7 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
              new_tokens: int = DEFAULTS["new_tokens"], tasks_per_category: int = DEFAULTS["tasks_per_category"],
              batch_size: int = DEFAULTS["batch_size"], thresholds: Thresholds | None = None,
              routing: dict | None = None, progress: Callable[[str, int, int], None] | None = None,
-             yardstick: bool = False) -> dict:
+             yardstick: bool = False, lm_eval: dict | None = None) -> dict:
     """Compare the routed model with the original and give a verdict. Returns a JSON-ready dict.
 
     data: held-out texts (str) or token-id sequences; default: the built-in held-out conversations.
@@ -429,6 +457,8 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
     yardstick: also compare int8 and int4 fake-quantised copies of the original with it under teacher forcing
         (two more forward passes per batch): result["yardstick"] = {"int8": {kl, kl_p99, top1_agreement},
         "int4": {...}} and result["yardstick_place"], e.g. "between int8 and int4" (see place()).
+    lm_eval: keywords for flexicli.lm_eval.compare (tasks, include, limit, num_fewshot): lm-evaluation-harness
+        tasks on both models, result["lm_eval"] (needs the lm-eval extra; not part of the verdict).
     """
     for name, value in (("max_samples", max_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if value < 1 or (name == "seq_len" and value < 2):
@@ -483,13 +513,22 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
                                                             ticker("teacher forcing", len(seqs)), variants))
     if yardstick:
         result["yardstick_place"] = place(result["kl"], result["yardstick"])
-    result.update(greedy_match=None, greedy_first_divergence=None, greedy_prompts=0, retention=None, task_scores={})
+    result.update(greedy_match=None, greedy_first_divergence=None, greedy_prompts=0, retention=None, task_scores={},
+                  task_flips=None)
     if prompt_ids:
         timed("greedy generation", lambda: compare_greedy(fm, prompt_ids, new_tokens, routing, 2 * batch_size,
                                                           ticker("greedy generation", len(prompt_ids))))
     if tasks:
         timed("task suite", lambda: compare_tasks(fm, tasks, routing, 2 * batch_size,
                                                   ticker("task suite", len(tasks))))
+    if lm_eval:
+        from . import lm_eval as harness
+
+        def run_harness():
+            out = harness.compare(fm, routing=routing, batch_size=batch_size, **lm_eval)
+            out.pop("raw")
+            return {"lm_eval": out}
+        timed("lm-eval", run_harness)
     result["stage_seconds"] = {k: round(v, 1) for k, v in stage_seconds.items()}
     checks = thresholds.checks(result)  # before NaN becomes None: a NaN metric fails its check
     result = _finite({**result, "checks": checks})
@@ -516,7 +555,8 @@ def _finite(obj):
 # numbers, not the per-check rows or per-item details.
 STORED = ("passed", "failed_checks", "kl", "kl_p99", "top1_agreement", "greedy_match", "greedy_first_divergence", "perplexity_original",
           "perplexity_routed", "mean_skipped_layers", "per_layer_skip_rate", "retention", "threshold", "thresholds",
-          "data", "texts", "scored_tokens", "greedy_prompts", "yardstick", "yardstick_place", "seconds")
+          "data", "texts", "scored_tokens", "greedy_prompts", "yardstick", "yardstick_place", "task_flips", "lm_eval",
+          "seconds")
 
 
 def failed_checks(result: dict) -> list[str]:
@@ -550,14 +590,19 @@ def store(folder, result: dict, weights_sha256: str | None = None) -> dict:
 
     weights_sha256: the digest of the weights file that was evaluated (checkpoint.weights_digest), taken before
     the model was loaded; default: the file as it is now. `flexi push` re-runs the check when the file no
-    longer matches it, so a verdict is never trusted for weights it was not given on."""
+    longer matches it, so a verdict is never trusted for weights it was not given on. A run without lm-eval
+    tasks keeps the lm-eval result already stored for the same weights and threshold (it is still about them)."""
     from pathlib import Path
 
     from .card import render_card
-    from .checkpoint import CARD_FILE, update_config, weights_digest
+    from .checkpoint import CARD_FILE, read_config, update_config, weights_digest
 
     stored = summary(result)
     stored["weights_sha256"] = weights_sha256 or weights_digest(Path(folder))
+    earlier = read_config(Path(folder)).eval or {}
+    if "lm_eval" not in stored and earlier.get("lm_eval") and all(
+            earlier.get(k) == stored.get(k) for k in ("weights_sha256", "threshold")):
+        stored["lm_eval"] = earlier["lm_eval"]  # a run without --lm-eval-tasks keeps those of the same weights
     config = update_config(Path(folder), eval=stored)
     tmp = Path(folder) / f".{CARD_FILE}.tmp"
     tmp.write_text(render_card(config))

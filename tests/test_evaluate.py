@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.evaluate import (Thresholds, compare_teacher_forced, evaluate, failed_checks, fake_quantize,
-                               first_divergence, generate_ids, place, quantile, quantised, retention, skip_counts,
-                               token_kl, token_nll, top1_match)
+from flexicli.evaluate import (Thresholds, _item_flips, compare_teacher_forced, evaluate, failed_checks,
+                               fake_quantize, first_divergence, flips, generate_ids, place, quantile, quantised,
+                               retention, skip_counts, token_kl, token_nll, top1_match)
 from flexicli.model import FlexiModel
 
 
@@ -65,6 +65,18 @@ def test_retention_math():
     assert retention([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx(2 / 3)
     assert retention([0.5, 0.5], [0.5, 1.0]) == pytest.approx(1.5)  # routed may beat the original
     assert retention([0, 0], [1, 1]) is None  # undefined when the original scores nothing
+
+
+def test_flips_math():
+    original = {"a": True, "b": True, "c": False, "d": False, "e": True}
+    routed = {"a": False, "b": True, "c": True, "d": False, "e": True, "extra": True}  # only shared items count
+    assert flips(original, routed) == {"items": 5, "correct_to_wrong": 0.2, "wrong_to_correct": 0.2, "flips": 0.4}
+    assert flips({}, {}) == {"items": 0, "correct_to_wrong": None, "wrong_to_correct": None, "flips": None}
+    # task-suite scores: an item is correct when its score is >= 0.5 (F1 0.6 -> 0.4 is a correct -> wrong flip)
+    got = _item_flips([1.0, 0.6, 0.4, 0.0, 1.0, 0.5], [0.0, 0.4, 0.7, 0.0, 1.0, 0.5])
+    assert got == {"items": 6, "correct_to_wrong": 2 / 6, "wrong_to_correct": 1 / 6, "flips": 3 / 6}
+    # same scores, no flips, even when a score moves without crossing 0.5
+    assert _item_flips([0.9, 0.1], [0.6, 0.2])["flips"] == 0.0
 
 
 def test_quantile_is_torch_quantile():

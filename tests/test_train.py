@@ -32,7 +32,7 @@ def setup(tmp_path=None, family="llama"):
 
 def cfg(**kw):
     base = dict(skip_target=1.0, steps=12, batch_size=4, seq_len=32, lr=1e-2, warmup=2, eval_every=100,
-                save_every=100, calibrate=False)
+                save_every=100, calibrate=False, budget="penalty", router_init="none", adapter_init="none")
     return TrainConfig(**{**base, **kw})
 
 
@@ -66,7 +66,8 @@ def test_distillation_loss_falls_at_fixed_skipping():
     assert after["kl"] < 0.7 * before, (before, after["kl"])
 
 
-@pytest.mark.parametrize("budget,router_init", [("penalty", "none"), ("threshold", "influence")])
+@pytest.mark.parametrize("budget,router_init", [("penalty", "none"), ("threshold", "influence"),
+                                                ("capacity", "none")])
 def test_budget_is_hit(budget, router_init):
     fm, rows, heldout = setup()
     summary = train(fm, cfg(steps=60, skip_target=1.0, budget=budget, router_init=router_init, calibrate=True),
@@ -77,9 +78,49 @@ def test_budget_is_hit(budget, router_init):
     assert abs(summary["mean_skipped_layers"] - 1.0) <= 0.5, summary
 
 
+def test_capacity_skips_exactly_the_share_at_every_step(tmp_path):
+    """Budget "capacity": from the first observed step on, the training count equals the (ramped) target exactly."""
+    import json
+
+    fm, rows, heldout = setup(tmp_path)
+    train(fm, cfg(steps=20, skip_target=1.0, budget="capacity", ramp=0.5), rows=rows, heldout=None,
+          progress=False, log=lambda m: None)
+    steps = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 20
+    assert steps[0]["mean_skipped_layers"] < 0.05  # fresh routers: the threshold decides before any observation
+    tokens = 4 * 32
+    for rec in steps[1:]:
+        # per layer round(share * tokens) tokens skip, so the count is the target to within rounding
+        assert rec["mean_skipped_layers"] == pytest.approx(rec["target"], abs=2 / tokens + 1e-6), rec
+
+
+def test_capacity_decisions_pick_the_lowest_gates_and_break_ties():
+    from flexicli.layer import capacity_decisions
+
+    w = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+    run, centre = capacity_decisions(w, 0.5)
+    assert run.tolist() == [[True, False, True, False]] and 0.3 < centre < 0.5
+    assert capacity_decisions(w, 0.0)[0].all() and not capacity_decisions(w, 1.0)[0].any()
+    tied = torch.ones(2, 3)  # saturated gates: still exactly round(share * tokens) skip
+    assert int((~capacity_decisions(tied, 0.5)[0]).sum()) == 3
+
+
+def test_capacity_recomputes_the_same_decisions_under_gradient_checkpointing():
+    """Checkpointed layers are recomputed in backward: they must take the step's capacity decisions again (the
+    capacities stay set until backward is done), so the run equals one without checkpointing."""
+    out = []
+    for ckpt in (True, False):
+        fm, rows, _ = setup()
+        train(fm, cfg(steps=6, budget="capacity", ramp=0.0, gradient_checkpointing=ckpt), rows=rows, heldout=None,
+              progress=False, log=lambda m: None)
+        out.append(fm.flexi_state_dict())
+    for k, v in out[0].items():
+        assert torch.allclose(v, out[1][k], atol=1e-5), k
+
+
 def test_gate_margin_pushes_gates_off_the_threshold():
     x = torch.tensor([-0.5, 0.2, 3.0], requires_grad=True)  # router logits of one token in three layers
-    gates = [(i, torch.sigmoid(x[i]).reshape(1, 1), torch.ones(1, 1, dtype=torch.bool)) for i in range(3)]
+    gates = [(i, torch.sigmoid(x[i]).reshape(1, 1), (x[i] > 0).reshape(1, 1)) for i in range(3)]  # threshold 0.5
     margin = gate_margin(gates, center=0.0, width=1.0)
     assert margin.shape == (1, 1) and margin.item() == pytest.approx(0.5 + 0.8, abs=1e-4)
     margin.sum().backward()
@@ -87,9 +128,12 @@ def test_gate_margin_pushes_gates_off_the_threshold():
     assert x.grad[0] > 0.99 and x.grad[1] < -0.99 and x.grad[2] == 0
     shifted = gate_margin(gates, center=0.2, width=1.0)  # the threshold itself, in logit space, is the centre
     assert shifted.item() == pytest.approx(0.3 + 1.0, abs=1e-4)
+    # decisions by rank (budget capacity): a token that skips while its logit is above the centre is pushed below it
+    ranked = [(i, g[1], torch.tensor([[i == 2]])) for i, g in enumerate(gates)]  # layer 1 skips at logit 0.2
+    assert gate_margin(ranked, center=0.0).item() == pytest.approx(0.5 + 1.2, abs=1e-4)
 
 
-@pytest.mark.parametrize("budget", ["penalty", "threshold"])
+@pytest.mark.parametrize("budget", ["penalty", "threshold", "capacity"])
 def test_resume_equals_unbroken_run(tmp_path, budget):
     fm_a, rows, heldout = setup(tmp_path / "a")
     fm_b = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")

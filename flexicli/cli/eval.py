@@ -56,13 +56,21 @@ class Limit(click.ParamType):
 @click.option("--yardstick", is_flag=True, help="Also measure int8 and int4 (groups of 32) fake-quantised copies of "
               "the original under teacher forcing, to place the routed model's KL between them. Costs two more "
               "teacher-forced passes.")
+@click.option("--lm-eval-tasks", default=None, help="Also run these lm-evaluation-harness tasks (comma-separated, "
+              "e.g. hellaswag,arc_easy) on both models: scores, retention and flips per task. Needs "
+              "`pip install 'flexicli[lm-eval]'`; not part of the verdict.")
+@click.option("--lm-eval-limit", type=click.IntRange(min=1), default=None, help="Items per lm-eval task (default: all).")
+@click.option("--lm-eval-include", multiple=True, help="A folder of local lm-eval task YAMLs (repeatable); their "
+              "relative data_files are read relative to the YAML.")
+@click.option("--lm-eval-fewshot", type=click.IntRange(min=0), default=None, help="Few-shot examples (default: the "
+              "task's own).")
 @click.option("--no-save", is_flag=True, help="Do not store the result in the checkpoint's config.")
 @device_options
 @json_option
 @click.pass_context
 def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, tasks_per_category, batch_size,
-            threshold, skip_layers, max_kl, min_top1, min_retention, min_greedy_match, yardstick, no_save, device, dtype,
-            as_json):
+            threshold, skip_layers, max_kl, min_top1, min_retention, min_greedy_match, yardstick, lm_eval_tasks,
+            lm_eval_limit, lm_eval_include, lm_eval_fewshot, no_save, device, dtype, as_json):
     from pathlib import Path
 
     from ..checkpoint import weights_digest
@@ -73,6 +81,14 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
 
     if data is not None and not Path(data).is_file():  # checked before the slow load
         raise BadInput(f"no such data file: {data}", "pass a .jsonl or .txt file to --data")
+    harness = None
+    if lm_eval_tasks is not None or lm_eval_include or lm_eval_limit or lm_eval_fewshot is not None:
+        # checked before the slow load, the task names too: an --lm-eval-* option without tasks is an error
+        from ..lm_eval import task_specs
+
+        names = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+        harness = dict(tasks=task_specs(names, list(lm_eval_include)), limit=lm_eval_limit,
+                       num_fewshot=lm_eval_fewshot)
     # The weights as they are now, before loading: what the stored verdict is about, even if the file changes
     # while the evaluation runs (`flexi push` compares it with the file it would upload).
     digest = None if looks_like_hub_id(model_dir) or not Path(model_dir).is_dir() else weights_digest(Path(model_dir))
@@ -96,7 +112,7 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
     result = _run_with_progress(console, lambda progress: evaluate(
         fm, data=texts, max_samples=max_samples, seq_len=seq_len, n_prompts=n_prompts, new_tokens=new_tokens,
         tasks_per_category=tasks_per_category, batch_size=batch_size, thresholds=thresholds, routing=routing,
-        progress=progress, yardstick=yardstick))
+        progress=progress, yardstick=yardstick, lm_eval=harness))
     result["data"] = str(data) if data else "built-in held-out"
     # Stored only for the checkpoint as it is configured: its card must not show another threshold's numbers.
     if no_save:
@@ -206,6 +222,13 @@ def _print_report(r: dict) -> None:
         tasks.add_row("all", "", _fmt(r["task_score_original"]), _fmt(r["task_score_routed"]),
                       _fmt(r["retention"], True))
         out.print(tasks)
+    if r.get("task_flips"):
+        f = r["task_flips"]
+        out.print(f"task suite flips (item correct: score >= 0.5): {_fmt(f['flips'], True)} of {f['items']} items "
+                  f"(correct -> wrong {_fmt(f['correct_to_wrong'], True)}, "
+                  f"wrong -> correct {_fmt(f['wrong_to_correct'], True)})")
+    if r.get("lm_eval"):
+        _print_lm_eval(out, r["lm_eval"])
     failed = [f"{row['metric']} {_fmt(row['value'])} (needs {row['op']} {row['limit']:g})"
               for row in r["checks"] if row["ok"] is False]
     stages = ", ".join(f"{k} {v:.0f}" for k, v in r.get("stage_seconds", {}).items())
@@ -214,3 +237,21 @@ def _print_report(r: dict) -> None:
         out.print("[bold green]PASSED[/bold green]")
     else:
         out.print(f"[bold red]FAILED[/bold red]: {'; '.join(failed) or 'no threshold was measured'}")
+
+
+def _print_lm_eval(out, h: dict) -> None:
+    from rich.table import Table
+
+    limit = "all items" if h.get("limit") is None else f"limit {h['limit']}"
+    table = Table(title=f"lm-evaluation-harness {h.get('lm_eval_version')} ({limit}; flips: correct -> wrong / "
+                  "wrong -> correct)")
+    for col in ("task", "metric", "original", "routed", "retention", "flips"):
+        table.add_column(col)
+    for task, row in h["tasks"].items():
+        f = row.get("flips") or {}
+        for metric, m in row["metrics"].items():
+            flip = ""
+            if metric == row.get("flip_metric") and f.get("items"):
+                flip = f"{_fmt(f['correct_to_wrong'], True)} / {_fmt(f['wrong_to_correct'], True)} of {f['items']}"
+            table.add_row(task, metric, _fmt(m["original"]), _fmt(m["routed"]), _fmt(m["retention"], True), flip)
+    out.print(table)
