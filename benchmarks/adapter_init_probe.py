@@ -24,7 +24,7 @@ def main():
     from flexicli.base import load_base
     from flexicli.evaluate import compare_teacher_forced
     from flexicli.model import FlexiModel
-    from flexicli.router_init import layer_influence
+    from flexicli.router_init import unit_influence
     from flexicli.train import TrainConfig, heldout_rows, training_rows
 
     model, tok, info = load_base(None, dtype="float32", device="cpu")
@@ -32,7 +32,7 @@ def main():
     fm = FlexiModel.wrap(model, tok, routed_layers=range(n // 2, n), base_model=info.base_model)
     cfg = TrainConfig(skip_target=args.skip, seq_len=args.seq_len)
     rows, held = training_rows(fm, cfg), heldout_rows(fm, args.seq_len)[: args.heldout_rows]
-    _, infl = layer_influence(fm, rows[:16])
+    _, infl = unit_influence(fm, rows[:16])
     order = infl.mean(0).argsort().tolist()
     skip = frozenset(fm.config.routed_layers[i] for i in order[: args.skip])
     routing = {"mode": "fixed", "skip_layers": skip}

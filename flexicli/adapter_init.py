@@ -7,6 +7,10 @@ hidden states, to the update the layer would have made for a token that skips it
     x      = mlp_norm(h_in)          what a skipped token's adapter sees (its attention output is dropped)
     target = h_out - h_in            the layer's whole update: attention and MLP
 
+That is for skip unit `layer`. With `module` and `mlp` (flexicli/units.py) the adapter stands in for the MLP alone,
+so it is fitted to the MLP's update: x = mlp_norm(h_mid), target = h_out - h_mid (h_mid: the residual stream after
+the layer's attention, what the MLP router and the MLP read).
+
 gate/up start from the base MLP's `adapter_dim` neurons that are most active on x (when the MLP is a SiLU-gated
 gate_proj/up_proj MLP, as in Llama, Mistral, Qwen); down_proj is then the ridge least-squares solution of target on
 those activations (closed form), and a short local phase (Adam on the MSE, this layer alone: no LM head, no other
@@ -20,14 +24,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .units import adapter_unit, unit_span
+
 
 def layer_pairs(fm, rows: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per routed layer: adapter inputs x and targets h_out - h_in ([tokens, hidden] each), original model."""
+    """Per routed layer: adapter inputs x and targets, the update the adapter stands in for ([tokens, hidden] each;
+    module docstring), original model."""
     from .teacher import around_routed_layers
 
-    def grab(module, h_in, h_out):
+    def grab(module, h_in, h_mid, h_out):
+        before, after = unit_span(adapter_unit(module.skip_unit), h_in, h_mid, h_out)
         norm = module._part(module.parts.mlp_norm)
-        return (norm(h_in) if norm is not None else h_in), h_out - h_in
+        return (norm(before) if norm is not None else before), after - before
 
     pairs = around_routed_layers(fm, rows, grab, batch_size)
     return [x for x, _ in pairs], [y for _, y in pairs]

@@ -49,19 +49,31 @@ def start_at_first_routed(fm, hidden: torch.Tensor):
             layers[i] = layer
 
 
+def _mlp_entry(layer) -> nn.Module:
+    """The module whose input is the residual stream between attention and MLP: the pre-MLP norm, or the MLP itself
+    where there is none (OLMo-2)."""
+    norm = layer._part(layer.parts.mlp_norm)
+    return norm if norm is not None else layer._part(layer.parts.mlp)
+
+
 @torch.no_grad()
 def around_routed_layers(fm, rows: torch.Tensor, grab, batch_size: int = 8) -> list[list[torch.Tensor]]:
-    """Run the original model (routing off) over `rows`; at every routed layer call grab(layer, h_in, h_out) with the
-    residual stream around it ([tokens, hidden] each) and keep what it returns (a tuple of tensors). Returns, per
-    routed layer, each returned tensor concatenated over all tokens."""
+    """Run the original model (routing off) over `rows`; at every routed layer call grab(layer, h_in, h_mid, h_out)
+    with the residual stream entering it, after its attention and leaving it ([tokens, hidden] each) and keep what
+    it returns (a tuple of tensors). Returns, per routed layer, each returned tensor concatenated over all tokens."""
     device = next(fm.model.parameters()).device
     got = [[] for _ in fm.layers]
+    mids = [None for _ in fm.layers]
     handles = []
     for i, layer in enumerate(fm.layers):
+        def at_mlp(module, args, kwargs, i=i):
+            mids[i] = args[0] if args else next(iter(kwargs.values()))
+
         def hook(module, args, kwargs, out, i=i):
             h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
             h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
-            got[i].append(tuple(x.float().cpu() for x in grab(module, h_in, h_out)))
+            got[i].append(tuple(x.float().cpu() for x in grab(module, h_in, mids[i].flatten(0, 1), h_out)))
+        handles.append(_mlp_entry(layer).register_forward_pre_hook(at_mlp, with_kwargs=True))
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
         with fm.routing("full"):

@@ -367,9 +367,6 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     """Train `fm` in place. `rows`/`heldout` ([n, seq_len] token ids) override the text data (tests, tiny models).
     `stop_after` ends the run after that many steps as if it were killed there (tests of --resume)."""
     cfg.check(fm.capacity)
-    if fm.config.skip_unit != "layer" and (cfg.warm_start or cfg.adapter_init == "fit"):
-        raise BadInput(f"--router-init influence and --adapter-init fit fit whole layers; this checkpoint's skip unit "
-                       f"is {fm.config.skip_unit!r}", "train it with --router-init none --adapter-init none")
     folder = Path(folder) if folder else fm.path
     # -- distributed (flexicli/distributed.py; a no-op for one process): shard/move the model, quiet ranks > 0 --
     dist = distributed.current()
@@ -431,6 +428,10 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
 
         cache = TeacherCache(fm, rows, lazy=True)  # filled as steps first reach each row
 
+    # what the fits below are about (flexicli/units.py): routers rank by their unit's influence, and an adapter stands
+    # in for the whole layer (skip unit layer) or for the MLP (module, mlp)
+    unit_word = "layer" if fm.config.skip_unit == "layer" else "sublayer"
+    replaced = "layer's" if fm.config.skip_unit == "layer" else "MLP's"
     init_report, warm = None, cfg.warm_start and dist.world_size == 1  # distributed: not yet (fresh routers)
     if cfg.objective == "kl" and cfg.budget == "capacity" and not warm:
         log("note: per-unit capacities with fresh routers pick tokens almost at random until the routers learn; "
@@ -440,22 +441,22 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
         from .router_init import warm_start_routers
 
         with _progress(progress, "routers", "{task.fields[what]}") as bar:
-            task = bar.add_task("routers", total=len(fm.layers), what="fit to layer influence")
+            task = bar.add_task("routers", total=len(fm.unit_keys), what=f"fit to {unit_word} influence")
             init_report = warm_start_routers(fm, rows, cfg.skip_target,
                                              progress=lambda done, total: bar.update(task, completed=done))
         fits = init_report["spearman_heldout"].values()
-        log(f"routers warm-started: rank correlation with layer influence {min(fits):.2f}..{max(fits):.2f} "
+        log(f"routers warm-started: rank correlation with {unit_word} influence {min(fits):.2f}..{max(fits):.2f} "
             "(tokens not fitted on)")
     adapter_report = None
     if cfg.adapter_init == "fit" and start == 0:
         from .adapter_init import fit_adapters
 
         with _progress(progress, "adapters", "{task.fields[what]}") as bar:
-            task = bar.add_task("adapters", total=len(fm.layers), what="fit to each layer's update")
+            task = bar.add_task("adapters", total=len(fm.layers), what=f"fit to each {replaced} update")
             adapter_report = fit_adapters(fm, rows, progress=lambda done, total: bar.update(task, completed=done))
         shares = adapter_report["explained_heldout"].values()
         if shares:
-            log(f"adapters fitted: {min(shares):.2f}..{max(shares):.2f} of each layer's update reproduced "
+            log(f"adapters fitted: {min(shares):.2f}..{max(shares):.2f} of each {replaced} update reproduced "
                 "(tokens not fitted on)")
         if adapter_report["not_fitted"]:
             log(f"adapters not fitted (their output passes through a norm): layers {adapter_report['not_fitted']}")

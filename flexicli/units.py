@@ -91,6 +91,21 @@ def unit_costs(base_layer: nn.Module, attn_name: str, mlp_name: str, skip_unit: 
     return {u: costs[u] for u in SKIP_UNITS[skip_unit]}
 
 
+def unit_span(unit: str, h_in, h_mid, h_out) -> tuple:
+    """(residual stream before, after) what `unit` computes: the whole layer, its attention or its MLP. h_mid: the
+    residual stream between the layer's attention and its MLP."""
+    return {"layer": (h_in, h_out), "attn": (h_in, h_mid), "mlp": (h_mid, h_out)}[unit]
+
+
+# The LayerParts field of the norm a unit's router reads, applied to the residual stream before the unit.
+ROUTER_INPUT_NORM = {"layer": "attn_norm", "attn": "attn_norm", "mlp": "mlp_norm"}
+
+
+def adapter_unit(skip_unit: str) -> str:
+    """The unit a skipping token's adapter stands in for: the whole layer (`layer`) or the MLP (`module`, `mlp`)."""
+    return "layer" if skip_unit == "layer" else "mlp"
+
+
 def unit_key(layer_index: int, unit: str):
     """How records and gates name a unit: the layer index for `layer` (as before units), else (index, unit)."""
     return layer_index if unit == "layer" else (layer_index, unit)

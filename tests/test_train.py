@@ -245,7 +245,7 @@ def test_teacher_cache_gives_the_same_step(family):
 def test_router_warm_start_ranks_tokens_and_sets_the_budget():
     """After the warm start each router orders tokens like its layer's influence (1 - cos(h_in, h_out)), and the
     routed model skips about the target number of layers before any training step."""
-    from flexicli.router_init import layer_influence, warm_start_routers
+    from flexicli.router_init import unit_influence, warm_start_routers
     from flexicli.train import mean_skipped
 
     fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
@@ -256,7 +256,7 @@ def test_router_warm_start_ranks_tokens_and_sets_the_budget():
     # (report["spearman_heldout"] is low on a random tiny model, whose influence depends on context a router
     # cannot see; it is measured on SmolLM2 in the README. Here: the fit itself works, on the tokens it saw.)
     assert abs(sum(report["target_skip_rate"].values()) - 0.75) < 0.05
-    zs, influence = layer_influence(fm, rows)
+    zs, influence = unit_influence(fm, rows)
     for i, layer in enumerate(fm.layers):
         with torch.no_grad():
             w = layer.router(zs[i])

@@ -1,14 +1,18 @@
 """Training with the skip units of flexicli/units.py: the budget counts layer-equivalents for every unit, the
-density budget (Learning to Skip's regulariser) hits --skip-target after calibration, resume equals an unbroken run."""
+density budget (Learning to Skip's regulariser) hits --skip-target after calibration, resume equals an unbroken run,
+and the defaults (router warm start, fitted adapters; the capacity budget) work per unit."""
 
 import pytest
 import torch
 
+from conftest import tiny_model
 from flexicli.checkpoint import read_weights
 from flexicli.errors import BadInput
 from flexicli.model import FlexiModel
-from flexicli.objectives import BudgetDensity, gate_stats, unit_density, weighted_quantile
-from flexicli.train import TrainConfig, train
+from flexicli.adapter_init import layer_pairs
+from flexicli.objectives import BudgetCapacity, BudgetDensity, gate_stats, logits_fn, unit_density, weighted_quantile
+from flexicli.router_init import target_logits, unit_influence
+from flexicli.train import TrainConfig, train, train_step
 from test_train import cfg, peaky_tiny
 
 
@@ -84,8 +88,72 @@ def test_resume_equals_unbroken_run_module_density(tmp_path):
         assert torch.allclose(v, fm_c.flexi_state_dict()[k], atol=1e-6), k
 
 
-@pytest.mark.parametrize("flag", [{"router_init": "influence"}, {"adapter_init": "fit"}])
-def test_whole_layer_inits_refuse_other_units(flag):
-    fm, rows, heldout = setup("module")
-    with pytest.raises(BadInput, match="fit whole layers; this checkpoint's skip unit is 'module'"):
-        train(fm, cfg(**flag), rows=rows, heldout=heldout, progress=False, log=lambda m: None)
+def around_layer_1(fm, x):
+    """By hand: the residual stream entering layer 1 (tiny llama), after its attention, and leaving it."""
+    layer = fm.layers[1].base_layer
+    b, t = x.shape
+    with torch.no_grad(), fm.routing("full"):
+        h_in = fm.model(x, output_hidden_states=True).hidden_states[1]
+        pos = torch.arange(t)[None].expand(b, t)
+        rope = fm.model.model.rotary_emb(h_in, pos)
+        mask = torch.full((t, t), float("-inf")).triu(1)[None, None].expand(b, 1, t, t)
+        h_mid = h_in + layer.self_attn(layer.input_layernorm(h_in), attention_mask=mask, position_embeddings=rope)[0]
+        h_out = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))
+    return layer, *(h.flatten(0, 1) for h in (h_in, h_mid, h_out))
+
+
+def test_influence_router_inputs_and_adapter_pairs_are_around_each_sublayer():
+    """module: the attention router ranks by 1 - cos(h_in, h_mid), the MLP router by 1 - cos(h_mid, h_out), and the
+    adapter is fitted to the MLP's update from mlp_norm(h_mid) (layer: the whole layer's, tests/test_adapter_init)."""
+    fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[0, 1], base_model="tiny", skip_unit="module")
+    x = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    layer, h_in, h_mid, h_out = around_layer_1(fm, x)
+    zs, influence = unit_influence(fm, x)  # units (0, attn), (0, mlp), (1, attn), (1, mlp)
+    xs, ys = layer_pairs(fm, x)
+    one_minus_cos = lambda a, b: 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)  # noqa: E731
+    with torch.no_grad():
+        assert torch.allclose(influence[:, 2], one_minus_cos(h_in, h_mid), atol=1e-5)
+        assert torch.allclose(influence[:, 3], one_minus_cos(h_mid, h_out), atol=1e-5)
+        assert torch.allclose(zs[2], layer.input_layernorm(h_in), atol=1e-5)
+        assert torch.allclose(zs[3], layer.post_attention_layernorm(h_mid), atol=1e-5)
+    assert torch.equal(xs[1], zs[3]) and torch.allclose(ys[1], h_out - h_mid, atol=1e-5)
+
+
+def test_influence_targets_count_layer_equivalents():
+    """Units rank by influence per layer-equivalent, and the pairs the targets skip are worth the target."""
+    influence = torch.rand(1000, 4, generator=torch.Generator().manual_seed(0))
+    costs = [0.2, 0.8, 0.3, 0.7]  # two layers' attention and MLP
+    asked = (target_logits(influence, 0.8, costs) < 0).float().mean(0)
+    assert float(asked @ torch.tensor(costs)) == pytest.approx(0.8, abs=0.01)
+    assert asked[0] < asked[1] and asked[2] < asked[3]  # same influence spread: the cheap attention skips less
+    assert torch.equal(target_logits(influence, 0.8, [1.0] * 4), target_logits(influence, 0.8))  # layer: as before
+
+
+@pytest.mark.parametrize("unit", ["module", "mlp"])
+def test_default_training_warm_starts_and_fits_every_unit(unit):
+    """The defaults (influence warm start, fitted adapters, penalty) run on module/mlp checkpoints, per unit."""
+    fm, rows, heldout = setup(unit)
+    c = TrainConfig(skip_target=0.5, steps=4, batch_size=4, seq_len=32, eval_every=100, save_every=100)
+    assert c.router_init == "influence" and c.adapter_init == "fit"
+    summary = train(fm, c, rows=rows, heldout=heldout, progress=False, log=lambda m: None)
+    assert list(summary["router_fit"]["spearman_heldout"]) == fm.unit_labels
+    asked = summary["router_fit"]["target_skip_rate"]
+    assert fm.layer_equivalents(asked.values()) == pytest.approx(0.5, abs=0.05)
+    assert sorted(summary["adapter_fit"]["explained_heldout"]) == ["0", "1"]
+    # (the share explained on held-out tokens is noise on random tokens, see tests/test_adapter_init.py; what the
+    # adapter is fitted to is tested above) fitted: no longer the fresh adapter that adds nothing
+    assert all(bool(layer.adapter.down_proj.weight.any()) for layer in fm.layers)
+    assert list(summary["per_layer_skip_rate"]) == fm.unit_labels
+
+
+def test_capacity_budget_skips_each_units_share_in_layer_equivalents():
+    fm, rows, _ = setup("module")
+    budget = BudgetCapacity(fm.capacity, costs=fm.unit_costs)
+    budget.after_step(1.0, 0.0, [torch.randn(128 * 4, generator=torch.Generator().manual_seed(1))])
+    shares = budget.capacity(1.0)
+    assert sum(c * s for c, s in zip(fm.unit_costs, shares)) == pytest.approx(1.0, abs=1e-6)
+    for p in fm.trainable_parameters():
+        p.requires_grad_(True)
+    out = train_step(fm, rows[:4], cfg(budget="capacity"), logits_fn(fm.model), 1.0, budget)
+    assert out["layer_skip"].tolist() == pytest.approx(shares, abs=1 / 128)  # 4 x 32 tokens each
+    assert out["skipped"] == pytest.approx(1.0, abs=0.02)
