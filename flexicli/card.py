@@ -71,17 +71,51 @@ def _scalars(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def _layer_rates(config: FlexiConfig) -> list[tuple[int, float]]:
-    """Per-layer skip rates from the eval summary (a list aligned with the routed layers, or a dict)."""
-    rates = (config.eval or {}).get("per_layer_skip_rate") or (config.training or {}).get("per_layer_skip_rate")
+_UNIT_ORDER = {None: 0, "attn": 1, "mlp": 2}  # a layer's units in the order its forward decides them
+
+
+def _rate_key(key) -> tuple[int, str | None]:
+    """A per_layer_skip_rate key as (layer index, unit): '15' and 'layer_15' (skip unit layer) -> (15, None),
+    '15.attn' / '15.mlp' (skip units module and mlp, units.unit_label) -> (15, 'attn' / 'mlp')."""
+    index, _, unit = str(key).rsplit("_", 1)[-1].partition(".")
+    if unit not in ("", "attn", "mlp"):
+        raise ValueError(f"unknown unit in {key!r}")
+    return int(index), unit or None
+
+
+def _unit_rates(config: FlexiConfig) -> tuple[list[tuple[str, float]], dict]:
+    """Per-unit skip rates ('15' or '15.attn', rate), in forward order, and the summary they came from (the eval's,
+    else the training's): a list aligned with the routed layers, or a dict keyed by unit."""
+    for source in (config.eval or {}, config.training or {}):
+        rates = source.get("per_layer_skip_rate")
+        if rates:
+            break
+    else:
+        return [], {}
     try:
-        if isinstance(rates, dict):  # keys: layer indices, possibly as text ("15" or "layer_15")
-            return sorted((int(str(k).rsplit("_", 1)[-1]), float(v)) for k, v in rates.items())
+        if isinstance(rates, dict):
+            keyed = [(_rate_key(k), float(v)) for k, v in rates.items()]
+            return [(str(i) if u is None else f"{i}.{u}", r)
+                    for (i, u), r in sorted(keyed, key=lambda kr: (kr[0][0], _UNIT_ORDER[kr[0][1]]))], source
         if isinstance(rates, list) and len(rates) == len(config.routed_layers):
-            return list(zip(config.routed_layers, map(float, rates)))
+            return [(str(i), float(r)) for i, r in zip(config.routed_layers, rates)], source
     except (TypeError, ValueError):  # a shape this card does not know: leave the section out, never fail a save
         pass
-    return []
+    return [], {}
+
+
+def _intro(config: FlexiConfig, base: str) -> str:
+    """What is routed, by skip unit (flexicli/units.py)."""
+    routed = config.routed_layers
+    what = f"Routers and adapters for layers {routed[0]}..{routed[-1]} ({len(routed)} of {config.num_layers}) of `{base}`"
+    if config.skip_unit == "layer":
+        return (f"{what}: each token runs a routed layer only when its router says so (threshold {config.threshold}), "
+                "otherwise it gets a small adapter instead of the layer's MLP.")
+    routers = ("the attention and the MLP of each routed layer have a router each; a token skipping attention adds no "
+               "attention output (its K/V are still written)" if config.skip_unit == "module" else
+               "attention always runs, only the MLP is routed")
+    return (f"{what}, skip unit `{config.skip_unit}`: {routers}. A token runs a routed sublayer only when its router "
+            f"says so (threshold {config.threshold}); one skipping the MLP gets a small adapter instead.")
 
 
 def render_card(config: FlexiConfig, figures: list[str] = (), repo_id: str | None = None,
@@ -100,9 +134,7 @@ def render_card(config: FlexiConfig, figures: list[str] = (), repo_id: str | Non
     where = repo_id or "<this repo id>"
     lines = ["---", *meta, "---", "",
              f"# {base_name(config)} with adaptive layer skipping (flexicli)", "",
-             f"Routers and adapters for layers {routed[0]}..{routed[-1]} ({len(routed)} of {config.num_layers}) of "
-             f"`{base}`: each token runs a routed layer only when its router says so (threshold "
-             f"{config.threshold}), otherwise it gets a small adapter instead of the layer's MLP."]
+             _intro(config, base)]
     if exported:
         lines += ["This repo also holds the base weights and the modeling code, so stock transformers loads it."]
     else:
@@ -178,15 +210,25 @@ def _lm_eval(h) -> list[str]:
 
 
 def _usage(config: FlexiConfig) -> list[str]:
-    rates = _layer_rates(config)
+    rates, source = _unit_rates(config)
     if not rates:
         return []
-    mean_skipped = sum(r for _, r in rates)
-    bar = lambda r: "#" * round(20 * (1 - r))  # noqa: E731 - share of tokens that ran the layer
-    return ["", "## Layer usage", "",
-            f"Mean skipped layers per token: {mean_skipped:.2f} of {len(rates)} routed.", "",
-            "| layer | tokens that run it | |", "|---|---|---|"] + [
-        f"| {i} | {100 * (1 - r):.0f}% | `{bar(r)}` |" for i, r in rates]
+    bar = lambda r: "#" * round(20 * (1 - r))  # noqa: E731 - share of tokens that ran the unit
+    rows = [f"| {label} | {100 * (1 - r):.0f}% | `{bar(r)}` |" for label, r in rates]
+    if config.skip_unit == "layer":
+        mean = f"Mean skipped layers per token: {sum(r for _, r in rates):.2f} of {len(rates)} routed."
+        return ["", "## Layer usage", "", mean, "", "| layer | tokens that run it | |", "|---|---|---|"] + rows
+    # a sublayer's share of its layer (units.unit_costs) needs the model's weights, so the mean in layer-equivalents
+    # comes from the summary the rates came from, and is left out when it is not there (never guessed from rates)
+    out = ["", "## Unit usage", "", f"Skip unit `{config.skip_unit}`: each row is one routed sublayer "
+           "(`15.attn`: layer 15's attention, `15.mlp`: its MLP)."]
+    mean = source.get("mean_skipped_layers")
+    if isinstance(mean, (int, float)):
+        cap = source.get("skip_capacity")
+        of = f" of {cap:g}" if isinstance(cap, (int, float)) else ""
+        out += ["", f"Mean skipped per token: {mean:.2f}{of} layer-equivalents (parameters a token no longer reads, "
+                "counted in whole layers)."]
+    return out + ["", "| unit | tokens that run it | |", "|---|---|---|"] + rows
 
 
 def _figures(figures) -> list[str]:

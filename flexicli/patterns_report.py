@@ -4,12 +4,19 @@ fetched when it is viewed) and PNG figures drawn with matplotlib (when installed
 from __future__ import annotations
 
 import html
+import math
 from collections import defaultdict
 from pathlib import Path
 
 from .generate import depth_colour
 
 UNROUTED = "#9ca3af"  # grey: layers without a router always run
+
+
+def layer_span(analysis) -> tuple[int, int]:
+    """(fewest, most) layers a token can use, in whole layers for the colour scale and the legend (skip units
+    module/mlp count layer-equivalents: the fewest round down)."""
+    return math.floor(analysis.fewest_layers + 1e-9), analysis.num_layers
 
 
 # ---- inline SVG charts --------------------------------------------------------------------------------------
@@ -45,7 +52,7 @@ def svg_layer_usage(analysis, width: int = 720, height: int = 260) -> str:
 def svg_categories(analysis, width: int = 720) -> str:
     """Mean layers used per category (horizontal bars on the model's range of possible layer counts)."""
     cats = sorted(analysis.category_mean_layers, key=analysis.category_mean_layers.get)
-    fewest, most = analysis.num_layers - len(analysis.routed_layers), analysis.num_layers
+    fewest, most = layer_span(analysis)
     lo = max(0, fewest - 1)
     left, right, top, row = 130, 60, 26, 24
     height = top + row * len(cats) + 24
@@ -111,8 +118,19 @@ def _token_table(rows: list[dict], title: str) -> str:
             f'</table>')
 
 
+def _unit_table(analysis) -> str:
+    """Skip units module/mlp: the share of tokens that ran each routed unit (the bars above weigh them by cost)."""
+    if not analysis.unit_usage:
+        return ""
+    body = "".join(f'<tr><td><code>{html.escape(label)}</code></td><td class="n">{100 * ran:.1f}%</td></tr>'
+                   for label, ran in analysis.unit_usage.items())
+    return ('<h2>Per-unit usage</h2><p class="meta">each routed sublayer (17.attn: layer 17\'s attention, 17.mlp: '
+            'its MLP); a layer\'s bar above is the share of its layer-equivalents that ran</p>'
+            f'<table><tr><th>unit</th><th>tokens that ran it</th></tr>{body}</table>')
+
+
 def render_html(records, analysis, meta: dict, prompts) -> str:
-    fewest, most = analysis.num_layers - len(analysis.routed_layers), analysis.num_layers
+    fewest, most = layer_span(analysis)
     by_prompt = defaultdict(list)
     for r in records:
         by_prompt[r.prompt_id].append(r)
@@ -140,7 +158,7 @@ def render_html(records, analysis, meta: dict, prompts) -> str:
 <p>{analysis.tokens} generated tokens · mean layers used <b>{analysis.mean_layers_used:.2f}</b> of {most}
 ({skipped:.1f}% of layer computations skipped) · routed layers {routed}.
 A token is coloured by the layers that processed it (the decode step that consumed it).</p>
-<h2>Per-layer usage</h2>{svg_layer_usage(analysis)}
+<h2>Per-layer usage</h2>{svg_layer_usage(analysis)}{_unit_table(analysis)}
 <h2>Mean layers per category</h2>{svg_categories(analysis)}
 <h2>Most and least layer-hungry tokens</h2>
 <p class="meta">mean layers used over a token's occurrences; tokens seen at least {analysis.min_count} times</p>
@@ -167,7 +185,7 @@ def save_figures(folder: Path, analysis) -> list[str]:
     import matplotlib.pyplot as plt
 
     routed = set(analysis.routed_layers)
-    fewest, most = analysis.num_layers - len(analysis.routed_layers), analysis.num_layers
+    fewest, most = layer_span(analysis)
 
     fig, ax = plt.subplots(figsize=(8, 3.2), dpi=120)
     layers = list(range(analysis.num_layers))

@@ -180,10 +180,43 @@ def test_generate_counts_layer_equivalents_and_names_the_units(unit):
     assert layer_range(lm) == (pytest.approx(NUM_LAYERS - fm.capacity), NUM_LAYERS)
 
 
-def test_patterns_refuses_units_it_cannot_show_yet():
-    from flexicli.generate import LayerModel
-    from flexicli.patterns import builtin_prompts, collect
+def test_card_shows_per_unit_rates_in_forward_order():
+    from dataclasses import replace
 
-    lm = LayerModel.from_flexi(wrap(skip_unit="mlp"), "tiny")
-    with pytest.raises(BadInput, match="per-unit usage for skip unit 'mlp' is not built yet"):
-        collect(lm, builtin_prompts()[:1], max_new_tokens=2)
+    from flexicli.card import render_card
+
+    fm = wrap(skip_unit="module")
+    rates = {"1.mlp": 0.5, "0.attn": 0.25, "0.mlp": 0.0, "1.attn": 1.0}
+    card = render_card(replace(fm.config, eval={"passed": True, "per_layer_skip_rate": rates,
+                                                "mean_skipped_layers": 1.1, "skip_capacity": 2.0}))
+    rows = [line.split(" | ")[0] for line in card.splitlines() if line.startswith(("| 0.", "| 1."))]
+    assert rows == ["| 0.attn", "| 0.mlp", "| 1.attn", "| 1.mlp"]
+    assert "| 0.attn | 75% |" in card and "| 1.attn | 0% |" in card and "| 1.mlp | 50% |" in card
+    assert "Mean skipped per token: 1.10 of 2 layer-equivalents" in card and "skip unit `module`" in card
+    no_mean = render_card(replace(fm.config, training={"per_layer_skip_rate": rates}))
+    assert "| 0.mlp | 100% |" in no_mean and "Mean skipped" not in no_mean  # never guessed from the rates
+
+
+def test_patterns_show_per_unit_usage(tmp_path):
+    import json
+
+    from flexicli.generate import LayerModel
+    from flexicli.patterns import Prompt, analyse, collect, unit_args, write_outputs
+
+    fm = wrap(skip_unit="module")
+    with torch.no_grad():
+        fm.layers[1].mlp_router.bias.fill_(-20.0)  # every token skips layer 1's MLP, runs the rest
+    lm = LayerModel.from_flexi(fm, "tiny")
+    prompts = [Prompt("p0", "custom", "x")]
+    records = collect(lm, prompts, max_new_tokens=3, encode=lambda text: [5, 6, 7], decode=lambda ids: "a" * len(ids))
+    analysis = analyse(records, lm.num_layers, lm.routed_layers, **unit_args(lm))
+    mlp_cost = fm.layers[1].costs["mlp"]
+    assert analysis.units == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
+    assert analysis.unit_usage == {"0.attn": 1.0, "0.mlp": 1.0, "1.attn": 1.0, "1.mlp": 0.0}
+    assert analysis.layer_usage[:2] == pytest.approx([1.0, 1.0 - mlp_cost])
+    assert all(r.skipped_units == ["1.mlp"] and r.decisions == [1, 1, 1, 0] for r in records)
+    assert analysis.mean_layers_used == pytest.approx(lm.num_layers - mlp_cost, abs=1e-4)
+    out, _ = write_outputs(tmp_path / "out", records, analysis, {}, prompts)
+    assert "Per-unit usage" in (out / "report.html").read_text()
+    assert json.loads((out / "tokens.jsonl").read_text().splitlines()[0])["skipped_units"] == ["1.mlp"]
+    assert json.loads((out / "summary.json").read_text())["unit_usage"]["1.mlp"] == 0.0

@@ -33,7 +33,7 @@ def command(model_dir, base, output, prompts_file, categories, per_category, max
 
     from ..errors import BadInput, CheckpointError
     from ..generate import check_threshold, open_model
-    from ..patterns import analyse, builtin_prompts, collect, read_prompts, write_outputs
+    from ..patterns import analyse, builtin_prompts, collect, read_prompts, unit_args, write_outputs
 
     check_threshold(threshold)
     if max_new_tokens < 1:
@@ -53,7 +53,7 @@ def command(model_dir, base, output, prompts_file, categories, per_category, max
     with err.status("generating...") as status:
         records = collect(lm, prompts, max_new_tokens, threshold, chat=False if raw else None,
                           on_prompt=lambda i, p: status.update(f"generating {i + 1}/{len(prompts)}: {p.id}"))
-    analysis = analyse(records, lm.num_layers, lm.routed_layers)
+    analysis = analyse(records, lm.num_layers, lm.routed_layers, **unit_args(lm))
     meta = {"model": lm.source, "threshold": lm.threshold if threshold is None else threshold,
             "prompts": prompts_file or "built-in task categories", "max_new_tokens": max_new_tokens}
     folder, figures = write_outputs(output, records, analysis, meta, prompts, overwrite=force)
@@ -65,6 +65,8 @@ def command(model_dir, base, output, prompts_file, categories, per_category, max
                "tokens": analysis.tokens, "mean_layers_used": analysis.mean_layers_used,
                "num_layers": analysis.num_layers, "category_mean_layers": analysis.category_mean_layers,
                "layer_usage": analysis.layer_usage}
+    if analysis.unit_usage is not None:  # skip units module/mlp: the share of tokens that ran each routed unit
+        summary["unit_usage"] = analysis.unit_usage
     if as_json:
         emit_json(summary)
         return
@@ -84,4 +86,6 @@ def command(model_dir, base, output, prompts_file, categories, per_category, max
         for label, rows in (("most", analysis.hungriest), ("least", analysis.cheapest)):
             top = ", ".join(f"{r['text']!r} {r['mean_layers_used']:.1f}" for r in rows[:5])
             out.print(f"{label} layer-hungry: {top or 'none to rank'}")
+    if analysis.unit_usage:
+        out.print("tokens that ran each unit: " + " ".join(f"{k}:{100 * v:.0f}%" for k, v in analysis.unit_usage.items()))
     out.print(f"wrote {folder}/: " + ", ".join(summary["files"]))
