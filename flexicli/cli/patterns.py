@@ -87,5 +87,6 @@ def command(model_dir, base, output, prompts_file, categories, per_category, max
             top = ", ".join(f"{r['text']!r} {r['mean_layers_used']:.1f}" for r in rows[:5])
             out.print(f"{label} layer-hungry: {top or 'none to rank'}")
     if analysis.unit_usage:
-        out.print("tokens that ran each unit: " + " ".join(f"{k}:{100 * v:.0f}%" for k, v in analysis.unit_usage.items()))
+        ran = " ".join(f"{k}:{100 * v:.0f}%" for k, v in analysis.unit_usage.items())
+        out.print(f"tokens that ran each unit: {ran}")
     out.print(f"wrote {folder}/: " + ", ".join(summary["files"]))
