@@ -7,12 +7,13 @@ from pathlib import Path
 from .base import load_base
 from .errors import CheckpointError
 from .families import LayerParts
-from .model import FlexiModel, parse_layers
+from .model import ADAPTER_REDUCTION, FlexiModel, parse_layers
 
 
 def convert(model: str | None = None, output: str | Path = "flexi-model", layers: str | None = None,
             dtype: str | None = None, device: str | None = None, parts: LayerParts | None = None,
-            gate_mode: str = "ste", overwrite: bool = False, trust_remote_code: bool = False) -> FlexiModel:
+            gate_mode: str = "ste", overwrite: bool = False, trust_remote_code: bool = False,
+            adapter_reduction: int | None = None) -> FlexiModel:
     """Returns the converted model, already saved to `output`."""
     output = Path(output)
     if output.exists() and not overwrite:  # checked before the slow load; save() checks again
@@ -20,7 +21,8 @@ def convert(model: str | None = None, output: str | Path = "flexi-model", layers
     hf_model, tokenizer, info = load_base(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     n = hf_model.config.num_hidden_layers if hasattr(hf_model.config, "num_hidden_layers") else hf_model.config.n_layer
     fm = FlexiModel.wrap(hf_model, tokenizer, routed_layers=parse_layers(layers, n), parts=parts,
-                         base_model=info.base_model, base_revision=info.revision, gate_mode=gate_mode)
+                         base_model=info.base_model, base_revision=info.revision, gate_mode=gate_mode,
+                         adapter_reduction=adapter_reduction or ADAPTER_REDUCTION)
     fm.path = fm.save(output, overwrite=overwrite)
     return fm
 
