@@ -11,8 +11,8 @@ from .common import device_options, emit_json, json_option, stderr_console
 @click.option("--gate-mode", type=click.Choice(["ste", "scale"]), default="ste", show_default=True,
               help="ste: exact hard routing, straight-through gradient; scale: official FlexiDepth w-scaling.")
 @click.option("--adapter-reduction", type=click.IntRange(min=1), default=None,
-              help="Adapter width = the MLP's width / this (default 8; FlexiDepth: 16). 8 reproduces more of a skipped layer "
-                   "for 4.5% more of its parameters (README, Training).")
+              help="Adapter width = the MLP's width / this (default 16, as FlexiDepth; 8 measured in the "
+                   "README, Training).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a Hub model's own modeling code to run.")
 @device_options
