@@ -1,7 +1,7 @@
 """Adapter initialisation without any training: static skipping of the K least influential routed layers of SmolLM2,
 with fresh adapters (down_proj = 0), ridge least squares only, and least squares plus the local MSE phase.
 
-    python benchmarks/adapter_init_probe.py --skip 4 --json
+    python benchmarks/adapter_init_probe.py --skip 4 [--adapter-reduction 8]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ def main():
     ap.add_argument("--skip", type=int, default=4)
     ap.add_argument("--heldout-rows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--adapter-reduction", type=int, default=16, help="adapter width = the MLP's width / this")
     args = ap.parse_args()
 
     from flexicli.adapter_init import fit_adapters
@@ -29,7 +30,8 @@ def main():
 
     model, tok, info = load_base(None, dtype="float32", device="cpu")
     n = model.config.num_hidden_layers
-    fm = FlexiModel.wrap(model, tok, routed_layers=range(n // 2, n), base_model=info.base_model)
+    fm = FlexiModel.wrap(model, tok, routed_layers=range(n // 2, n), base_model=info.base_model,
+                        adapter_reduction=args.adapter_reduction)
     cfg = TrainConfig(skip_target=args.skip, seq_len=args.seq_len)
     rows, held = training_rows(fm, cfg), heldout_rows(fm, args.seq_len)[: args.heldout_rows]
     _, infl = unit_influence(fm, rows[:16])

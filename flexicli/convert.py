@@ -7,14 +7,14 @@ from pathlib import Path
 from .base import load_base
 from .errors import CheckpointError
 from .families import LayerParts
-from .model import FlexiModel, parse_layers
+from .model import ADAPTER_REDUCTION, FlexiModel, parse_layers
 from .units import check_choice
 
 
 def convert(model: str | None = None, output: str | Path = "flexi-model", layers: str | None = None,
             dtype: str | None = None, device: str | None = None, parts: LayerParts | None = None,
             gate_mode: str = "ste", overwrite: bool = False, trust_remote_code: bool = False,
-            skip_unit: str = "layer", router: str = "flexidepth") -> FlexiModel:
+            skip_unit: str = "layer", router: str = "flexidepth", adapter_reduction: int | None = None) -> FlexiModel:
     """Returns the converted model, already saved to `output`. `skip_unit`, `router`: flexicli/units.py."""
     check_choice(skip_unit, router)  # before the slow load
     output = Path(output)
@@ -24,7 +24,7 @@ def convert(model: str | None = None, output: str | Path = "flexi-model", layers
     n = hf_model.config.num_hidden_layers if hasattr(hf_model.config, "num_hidden_layers") else hf_model.config.n_layer
     fm = FlexiModel.wrap(hf_model, tokenizer, routed_layers=parse_layers(layers, n), parts=parts,
                          base_model=info.base_model, base_revision=info.revision, gate_mode=gate_mode,
-                         skip_unit=skip_unit, router=router)
+                         skip_unit=skip_unit, router=router, adapter_reduction=adapter_reduction or ADAPTER_REDUCTION)
     fm.path = fm.save(output, overwrite=overwrite)
     return fm
 

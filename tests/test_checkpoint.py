@@ -9,7 +9,7 @@ from conftest import tiny_model
 from flexicli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, fingerprint
 from flexicli.convert import convert
 from flexicli.errors import CheckpointError
-from flexicli.model import FlexiModel
+from flexicli.model import ADAPTER_REDUCTION, FlexiModel
 
 
 def test_round_trip_identical_logits_and_no_base_weights(tiny_folder, tmp_path):
@@ -72,7 +72,7 @@ def test_config_is_sorted_json_naming_the_base(tiny_folder, tmp_path):
     cfg = json.loads(text)
     assert list(cfg) == sorted(cfg)
     assert cfg["base_model"] == str(tiny_folder.resolve()) and cfg["routed_layers"] == [1]
-    assert cfg["adapter_dim"] == 128 // 16 and cfg["threshold"] == 0.5
+    assert cfg["adapter_dim"] == 128 // ADAPTER_REDUCTION and cfg["threshold"] == 0.5
 
 
 def _dead_pid() -> int:
