@@ -187,7 +187,7 @@ def test_real_smollm2_export_in_stock_transformers(tmp_path):
     fm.state.gates = []
     with torch.no_grad():
         fm.model(ids)
-    threshold = torch.cat([w.reshape(-1) for _, w, _ in fm.state.gates]).median().item()
+    threshold = torch.cat([w.reshape(-1) for _, w, *_ in fm.state.gates]).median().item()
     fm.state.gates = None
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
