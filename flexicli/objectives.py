@@ -112,7 +112,45 @@ def unequal_costs(costs) -> torch.Tensor | None:
     return None if costs is None or all(c == 1.0 for c in costs) else torch.tensor(costs)
 
 
-class BudgetPenalty:
+def pooled_quantile(logits: torch.Tensor, costs: torch.Tensor | None, share: float) -> float:
+    """The logit below which a `share` of the pooled logits lies: of the units' compute when their costs differ
+    (weighted_quantile), else of the units themselves."""
+    if costs is not None:
+        return weighted_quantile(logits, costs, share)
+    return float(torch.quantile(logits.flatten()[:2**24].float(), share))
+
+
+class _Budget:
+    """What every budget shares: a threshold in logit space (`logit`, saved with the run), and no extra loss, no
+    per-unit capacities, nothing to log and nothing to update unless the budget says otherwise."""
+
+    kind = ""
+
+    @property
+    def threshold(self) -> float:
+        """The same threshold on the router's gate w = sigmoid(logit)."""
+        return threshold_of(self.logit)
+
+    def capacity(self, target: float) -> list[float] | None:
+        return None  # the routers' own threshold decides
+
+    def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> torch.Tensor | float:
+        return 0.0
+
+    def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
+        pass
+
+    def log(self) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "logit": self.logit}
+
+    def load(self, d: dict) -> None:
+        self.logit = d["logit"]
+
+
+class BudgetPenalty(_Budget):
     """A Lagrange multiplier on `mean skipped layers == target`, updated by a PI rule after every optimiser step.
 
     The loss gets `lam * (target - skipped)`: while too few layers are skipped lam grows and pushes the routers to
@@ -126,13 +164,6 @@ class BudgetPenalty:
                  costs=None):
         self.num_routed, self.logit, self.ki, self.kp, self.limit = num_routed, logit, ki, kp, limit
         self.integral = self.lam = 0.0
-
-    @property
-    def threshold(self) -> float:
-        return threshold_of(self.logit)
-
-    def capacity(self, target: float) -> None:
-        return None  # the routers' own threshold decides
 
     def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> torch.Tensor:
         return self.lam * (target - skipped_st.mean())
@@ -154,7 +185,7 @@ class BudgetPenalty:
         self.integral, self.lam, self.logit = d["integral"], d["lam"], d["logit"]
 
 
-class BudgetThreshold:
+class BudgetThreshold(_Budget):
     """The routing threshold, in logit space, that makes the mean number of skipped layers equal the target.
 
     After every step it is set to the quantile of that step's router logits, pooled over tokens and routed layers,
@@ -170,38 +201,16 @@ class BudgetThreshold:
         self.num_routed, self.logit, self.momentum = num_routed, logit, momentum
         self.costs = unequal_costs(costs)
 
-    @property
-    def threshold(self) -> float:
-        """The same threshold on the router's gate w = sigmoid(logit)."""
-        return threshold_of(self.logit)
-
-    def capacity(self, target: float) -> None:
-        return None
-
-    def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> float:
-        return 0.0
-
     def observe(self, logits: torch.Tensor, target: float) -> float:
         """The threshold one micro-batch's logits (all ranks' together) ask for."""
         share = min(max(target / self.num_routed, 0.0), 1.0)
         if share <= 0.0:
             return float(logits.min()) - 1.0
-        if self.costs is not None:
-            return weighted_quantile(logits, self.costs, share)
-        return float(torch.quantile(logits[:2**24].float(), share))
+        return pooled_quantile(logits, self.costs, share)
 
     def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
         observed = sum(self.observe(x, target) for x in logits) / len(logits)
         self.logit = self.momentum * self.logit + (1 - self.momentum) * observed
-
-    def log(self) -> dict:
-        return {}
-
-    def state(self) -> dict:
-        return {"kind": self.kind, "logit": self.logit}
-
-    def load(self, d: dict) -> None:
-        self.logit = d["logit"]
 
 
 def weighted_quantile(logits: torch.Tensor, costs: torch.Tensor, share: float) -> float:
@@ -216,7 +225,7 @@ def weighted_quantile(logits: torch.Tensor, costs: torch.Tensor, share: float) -
     return float(upper if k + 1 >= values.numel() else (upper + values[k + 1]) / 2)
 
 
-class BudgetCapacity:
+class BudgetCapacity(_Budget):
     """Per-unit capacities: in every training micro-batch, routed unit u (a layer, or an attention/MLP sublayer,
     flexicli/units.py) is skipped by exactly a share s_u of the tokens, those with its lowest router logits (picked
     inside the forward pass, layer.capacity_decisions), with sum_u cost_u * s_u = target (layer-equivalents; every
@@ -240,10 +249,6 @@ class BudgetCapacity:
         self.costs = unequal_costs(costs)
         self.alloc: list[float] | None = None  # cost-weighted mean 1 over units: unit u gets alloc[u] * target / capacity
 
-    @property
-    def threshold(self) -> float:
-        return threshold_of(self.logit)
-
     def capacity(self, target: float) -> list[float] | None:
         """Per routed unit (in FlexiModel.unit_keys order), the share of tokens to skip; None before the first
         observation (then the threshold decides: fresh routers skip nothing, warm-started ones about the target)."""
@@ -251,25 +256,16 @@ class BudgetCapacity:
             return None
         return [min(1.0, max(0.0, a * target / self.num_routed)) for a in self.alloc]
 
-    def loss(self, target: float, skipped_st: torch.Tensor, density=None) -> float:
-        return 0.0
-
     def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
         x = torch.cat([t.reshape(-1, self.num_units) for t in logits]).float()
         share = min(max(target / self.num_routed, 0.0), 1.0)
         if share <= 0.0 or share >= 1.0:
             return
-        if self.costs is not None:
-            tau = weighted_quantile(x.flatten(), self.costs, share)
-        else:
-            tau = float(torch.quantile(x.flatten()[:2**24], share))
+        tau = pooled_quantile(x, self.costs, share)
         observed = ((x < tau).float().mean(0) / share).tolist()
         m = self.momentum if self.alloc is not None else 0.0
         self.alloc = [m * a + (1 - m) * o for a, o in zip(self.alloc or observed, observed)]
         self.logit = tau
-
-    def log(self) -> dict:
-        return {}
 
     def state(self) -> dict:
         return {"kind": self.kind, "logit": self.logit, "alloc": self.alloc}
@@ -278,7 +274,7 @@ class BudgetCapacity:
         self.logit, self.alloc = d["logit"], d.get("alloc")
 
 
-class BudgetDensity:
+class BudgetDensity(_Budget):
     """The seed paper's (Learning to Skip) target-density regulariser: every routed unit's share of tokens that run it
     is pulled toward one target density, `weight * sum_u (density_u - rho)^2`, with rho = 1 - target / capacity so
     that units at rho skip `target` layer-equivalents (capacity: the most a token can skip, FlexiModel.capacity).
@@ -289,13 +285,6 @@ class BudgetDensity:
     def __init__(self, num_routed: float, logit: float = 0.0, weight: float = 4.0, costs=None):
         self.num_routed, self.logit, self.weight = num_routed, logit, weight
 
-    @property
-    def threshold(self) -> float:
-        return threshold_of(self.logit)
-
-    def capacity(self, target: float) -> None:
-        return None
-
     def density_target(self, target: float) -> float:
         return min(1.0, max(0.0, 1.0 - target / self.num_routed))
 
@@ -303,18 +292,6 @@ class BudgetDensity:
         if density is None:
             raise ValueError("the density budget needs the per-unit densities (objectives.unit_density)")
         return self.weight * (density - self.density_target(target)).pow(2).sum()
-
-    def after_step(self, target: float, skipped: float, logits: list[torch.Tensor]) -> None:
-        pass
-
-    def log(self) -> dict:
-        return {}
-
-    def state(self) -> dict:
-        return {"kind": self.kind, "logit": self.logit}
-
-    def load(self, d: dict) -> None:
-        self.logit = d["logit"]
 
 
 BUDGETS = {b.kind: b for b in (BudgetPenalty, BudgetThreshold, BudgetCapacity, BudgetDensity)}
