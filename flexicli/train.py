@@ -54,6 +54,7 @@ class TrainConfig:
     #                          | density: per-unit target density (objectives.BudgetDensity)
     router_init: str = "influence"  # influence: fit the routers to token-level unit influence first (router_init.py) | none: fresh routers
     adapter_init: str = "fit"  # fit: fitted to the update it replaces before step 0 (adapter_init.py) | none: fresh adapters (add nothing)
+    penalty_start: str = "balance"  # penalty budget with warm-started routers: balance: lambda starts where the losses balance (train.penalty_balance) | zero
     ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
     eval_every: int = 60
     eval_rows: int = 8
@@ -90,6 +91,8 @@ class TrainConfig:
             raise BadInput(f"budget must be one of {sorted(BUDGETS)}, not {self.budget!r}")
         if self.router_init not in ("influence", "none"):
             raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
+        if self.penalty_start not in ("balance", "zero"):
+            raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
         if self.adapter_init not in ("fit", "none"):
             raise BadInput(f"adapter_init must be 'fit' or 'none', not {self.adapter_init!r}")
 
@@ -204,9 +207,10 @@ def decoder_of(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
-def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
-    """One micro-batch: forward, loss, backward. `cached`: (hidden entering the first routed layer, teacher's final
-    hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed."""
+def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
+    """The student's forward of one micro-batch and its loss terms (no backward). Sets fm.state.capacity, which the
+    caller clears after backward: gradient checkpointing recomputes each layer there and must take the same
+    decisions."""
     from .teacher import start_at_first_routed
 
     decoder = decoder_of(fm.model)
@@ -219,7 +223,6 @@ def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=
             teacher_h = decoder(input_ids=batch).last_hidden_state
     fm.state.gates = []
     shares = budget.capacity(target) if cfg.objective == "kl" else None
-    # kept until after backward: gradient checkpointing recomputes each layer there and must take the same decisions
     fm.state.capacity = dict(zip(fm.unit_keys, shares)) if shares is not None else None
     try:
         with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
@@ -239,12 +242,60 @@ def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()
+    return {"main": main, "agree": agree, "extra": extra, "skipped_st": skipped_st, "layer_skip": layer_skip,
+            "logits": logits}
+
+
+def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
+    """One micro-batch: forward, loss, backward. `cached`: (hidden entering the first routed layer, teacher's final
+    hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed."""
     try:
-        ((main + extra) / cfg.grad_accum).backward()
+        f = _forward(fm, batch, cfg, head, target, budget, cached)
+        ((f["main"] + f["extra"]) / cfg.grad_accum).backward()
     finally:
         fm.state.capacity = None
-    return {"loss": main.item(), "agree": agree.item(), "skipped": skipped_st.mean().item(),
-            "layer_skip": layer_skip.detach().cpu(), "logits": logits}
+    return {"loss": f["main"].item(), "agree": f["agree"].item(), "skipped": f["skipped_st"].mean().item(),
+            "layer_skip": f["layer_skip"].detach().cpu(), "logits": f["logits"]}
+
+
+def penalty_balance(fm, batches: list, cfg: TrainConfig, head, target: float, budget, routers: list,
+                    cached: list | None = None) -> float:
+    """The Lagrange multiplier at which, on these micro-batches, the distillation loss's pull on the routers and the
+    budget term's push cancel along the skipped count: the penalty's starting point for warm-started routers.
+
+    Started at 0 instead, the PI rule needs ~20 steps to find it while the distillation loss alone pulls the routers
+    towards running everything: measured on SmolLM2 (N = 4, runs/final7), the count fell from 4 to 1.7 by step 15,
+    then overshot to 5.5 at step 28, and the loss took ~30 more steps to recover. The routers move by Adam, whose
+    first steps go along g / rms(g) per parameter, so the balance is where that direction leaves the count
+    unchanged: sum_i dS/dθ_i * m_i(lam) / rms_i(lam) = 0, with m and rms over the micro-batches of
+    g_main - lam * g_S (the budget term is lam * (target - S)). That sum falls as lam grows; bisection finds it."""
+    g_main, g_s = [], []
+    for i, batch in enumerate(batches):
+        try:
+            f = _forward(fm, batch, cfg, head, target, budget, cached[i] if cached else None)
+            # main + extra: everything but the budget term, which is 0 here (lam = 0 before the first step)
+            gm = torch.autograd.grad(f["main"] + f["extra"], routers, retain_graph=True, allow_unused=True)
+            gs = torch.autograd.grad(f["skipped_st"].mean(), routers, allow_unused=True)
+        finally:
+            fm.state.capacity = None
+        flat = lambda gs_: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()  # noqa: E731
+                                      for g, p in zip(gs_, routers)])
+        g_main.append(flat(gm))
+        g_s.append(flat(gs))
+    g_main, g_s = torch.stack(g_main), torch.stack(g_s)  # [batches, params]
+    ds = g_s.mean(0)
+
+    def drift(lam: float) -> float:  # first-order change of the count along Adam's direction (times -1/lr)
+        g = g_main - lam * g_s
+        return float((ds * g.mean(0) / (g.pow(2).mean(0).sqrt() + 1e-12)).sum())
+
+    lo, hi = -budget.limit, budget.limit
+    if drift(hi) > 0 or drift(lo) < 0:  # no balance within the anti-windup limit: start at the nearer end
+        return hi if drift(hi) > 0 else lo
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if drift(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
 
 
 # ---- held-out evaluation (flexicli/evaluate.py's metrics: one implementation for train and eval) -----------
@@ -461,10 +512,17 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
         if adapter_report["not_fitted"]:
             log(f"adapters not fitted (their output passes through a norm): layers {adapter_report['not_fitted']}")
     if start == 0 and fm.config.training:  # a new run: no fit reports of an earlier run carried over
-        fm.config.training = {k: v for k, v in fm.config.training.items() if k not in ("router_fit", "adapter_fit")}
+        fm.config.training = {k: v for k, v in fm.config.training.items() if k not in ("router_fit", "adapter_fit", "penalty_start")}
     if init_report or adapter_report:  # kept in the checkpoint from the first save on: a resumed run reports them too
         fits = {"router_fit": init_report, "adapter_fit": adapter_report}
         fm.config.training = {**(fm.config.training or {}), **{k: v for k, v in fits.items() if v}}
+    if warm and start == 0 and cfg.objective == "kl" and budget.kind == "penalty" and cfg.penalty_start == "balance":
+        idx = [batch_indices(rows.shape[0], cfg.seed, m, cfg.batch_size) for m in range(4)]  # the first 4 micro-batches
+        budget.integral = budget.lam = penalty_balance(
+            fm, [rows[i] for i in idx], cfg, head, cfg.skip_target, budget, routers,
+            cached=[cache.lookup(i, device) for i in idx] if cache else None)
+        fm.config.training = {**(fm.config.training or {}), "penalty_start": budget.lam}
+        log(f"budget penalty starts at lambda {budget.lam:.3f} (where the distillation loss and the budget balance)")
     # fresh routers: the target ramps up from 0, so the adapters learn while few tokens skip
     ramp_steps = (cfg.ramp if cfg.ramp is not None else 0.0 if warm else 0.3) * cfg.steps
 
@@ -527,8 +585,8 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
             from .data import heldout_prompts
 
             summary.update(greedy_agreement(fm, heldout_prompts(10)))
-    for key in ("router_fit", "adapter_fit"):  # from before step 0, possibly in an earlier process (--resume)
-        if (fm.config.training or {}).get(key):
+    for key in ("router_fit", "adapter_fit", "penalty_start"):  # from before step 0, possibly in an earlier process (--resume)
+        if (fm.config.training or {}).get(key) is not None:
             summary[key] = fm.config.training[key]
     if folder:
         dist.on_main(save_training, fm, folder, cfg, cfg.steps, opt, budget, summary)
