@@ -21,12 +21,13 @@ def main():
     ap.add_argument("--adapter-reduction", type=int, default=16, help="adapter width = the MLP's width / this")
     args = ap.parse_args()
 
-    from flexicli.adapter_init import fit_adapters
-    from flexicli.base import load_base
-    from flexicli.evaluate import compare_teacher_forced
-    from flexicli.model import FlexiModel
-    from flexicli.router_init import unit_influence
-    from flexicli.train import TrainConfig, heldout_rows, training_rows
+    from flexicli.train.adapter_init import fit_adapters
+    from flexicli.core.base_model import load_base
+    from flexicli.evaluation.evaluate import compare_teacher_forced
+    from flexicli.core.flexi_model import FlexiModel
+    from flexicli.train.router_init import unit_influence
+    from flexicli.train.config import TrainConfig
+    from flexicli.train.loop import heldout_rows, training_rows
 
     model, tok, info = load_base(None, dtype="float32", device="cpu")
     n = model.config.num_hidden_layers

@@ -20,7 +20,7 @@ CHILD = r"""
 import json, resource, sys, torch
 torch.manual_seed(0)
 mode, b, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-from flexicli.base import load_base
+from flexicli.core.base_model import load_base
 model, tok, info = load_base(None, dtype="float32", device="cpu")
 x = torch.randint(100, 40000, (b, t))
 if mode == "frozen":
@@ -28,8 +28,9 @@ if mode == "frozen":
         for _ in range(3):
             model(x).logits.sum().item()
 else:
-    from flexicli.model import FlexiModel
-    from flexicli.train import TrainConfig, train
+    from flexicli.core.flexi_model import FlexiModel
+    from flexicli.train.config import TrainConfig
+    from flexicli.train.loop import train
     fm = FlexiModel.wrap(model, tok, base_model=info.base_model)
     rows = torch.randint(100, 40000, (int(sys.argv[4]), t))  # as many rows as the real run (the cache grows with them)
     cfg = TrainConfig(skip_target=4, steps=3, batch_size=b, seq_len=t, calibrate=False, eval_every=100,

@@ -7,11 +7,11 @@ __all__ = ["FlexiModel", "LayerParts", "convert", "__version__"]
 
 def __getattr__(name):  # lazy: importing flexicli must not import torch (keeps `flexi --help` instant)
     if name == "FlexiModel":
-        from .model import FlexiModel
+        from .core.flexi_model import FlexiModel
 
         return FlexiModel
     if name == "LayerParts":
-        from .families import LayerParts
+        from .core.families import LayerParts
 
         return LayerParts
     if name == "convert":

@@ -1,3 +1,3 @@
-from flexicli.cli import main
+from .cli import main
 
 main()

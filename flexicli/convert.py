@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import load_base
-from .errors import CheckpointError
-from .families import LayerParts
-from .model import ADAPTER_REDUCTION, FlexiModel, parse_layers
-from .units import check_choice
+from .core.base_model import load_base
+from .core import DEFAULT_DIR
+from .core.checkpoint import refuse_existing
+from .core.families import LayerParts
+from .core.flexi_model import ADAPTER_REDUCTION, FlexiModel, parse_layers
+from .core.units import check_choice
 
 
-def convert(model: str | None = None, output: str | Path = "flexi-model", layers: str | None = None,
+def convert(model: str | None = None, output: str | Path = DEFAULT_DIR, layers: str | None = None,
             dtype: str | None = None, device: str | None = None, parts: LayerParts | None = None,
             gate_mode: str = "ste", overwrite: bool = False, trust_remote_code: bool = False,
             skip_unit: str = "layer", router: str = "flexidepth", adapter_reduction: int | None = None) -> FlexiModel:
-    """Returns the converted model, already saved to `output`. `skip_unit`, `router`: flexicli/units.py."""
+    """Returns the converted model, already saved to `output`. `skip_unit`, `router`: flexicli/core/units.py."""
     check_choice(skip_unit, router)  # before the slow load
-    output = Path(output)
-    if output.exists() and not overwrite:  # checked before the slow load; save() checks again
-        raise CheckpointError(f"{output} already exists", "choose another -o/--output or pass --force")
+    output = refuse_existing(output, overwrite)  # checked before the slow load; save() checks again
     hf_model, tokenizer, info = load_base(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     n = hf_model.config.num_hidden_layers if hasattr(hf_model.config, "num_hidden_layers") else hf_model.config.n_layer
     fm = FlexiModel.wrap(hf_model, tokenizer, routed_layers=parse_layers(layers, n), parts=parts,

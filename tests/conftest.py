@@ -47,7 +47,7 @@ def tiny_model(family: str, seed: int = 0):
 @pytest.fixture
 def tiny_pair():
     """(original, converted) tiny llama with identical weights; the converted one routes layer 1."""
-    from flexicli.model import FlexiModel
+    from flexicli.core.flexi_model import FlexiModel
 
     def make(family="llama", routed=None, **kw):
         original = tiny_model(family)
@@ -68,7 +68,7 @@ def tiny_folder(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (embedded GGUF, dequantised once and cached)."""
-    from flexicli.base import load_base
+    from flexicli.core.base_model import load_base
 
     model, tok, info = load_base(None, dtype="float32", device="cpu")
     return model, tok, info

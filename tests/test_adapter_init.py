@@ -7,9 +7,9 @@ import torch
 
 from conftest import tiny_model
 from test_train import peaky_tiny
-from flexicli.adapter_init import fit_adapters, layer_pairs
-from flexicli.evaluate import compare_teacher_forced
-from flexicli.model import FlexiModel
+from flexicli.train.adapter_init import fit_adapters, layer_pairs
+from flexicli.evaluation.evaluate import compare_teacher_forced
+from flexicli.core.flexi_model import FlexiModel
 
 
 def rows(n=24, t=32, seed=0):

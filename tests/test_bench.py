@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.bench import choose_skip_layers, run_bench
-from flexicli.model import FlexiModel
+from flexicli.speed.bench import choose_skip_layers, run_bench
+from flexicli.core.flexi_model import FlexiModel
 
 
 def flexi(*args):
@@ -49,7 +49,7 @@ def test_run_bench_reports_every_configuration():
 
 
 def test_bad_skip_is_bad_input():
-    from flexicli.errors import BadInput
+    from flexicli.core.errors import BadInput
 
     with pytest.raises(BadInput, match="routes 2 layers"):
         run_bench(routed_tiny(), skip=3)

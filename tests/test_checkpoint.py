@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, fingerprint
+from flexicli.core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, fingerprint
 from flexicli.convert import convert
-from flexicli.errors import CheckpointError
-from flexicli.model import ADAPTER_REDUCTION, FlexiModel
+from flexicli.core.errors import CheckpointError
+from flexicli.core.flexi_model import ADAPTER_REDUCTION, FlexiModel
 
 
 def test_round_trip_identical_logits_and_no_base_weights(tiny_folder, tmp_path):
@@ -85,7 +85,7 @@ def _dead_pid() -> int:
 
 
 def test_overwrite_swaps_in_one_step_and_leaves_nothing_beside(tmp_path):
-    from flexicli.checkpoint import _exchange, read_config
+    from flexicli.core.checkpoint import _exchange, read_config
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -106,8 +106,8 @@ def test_leftovers_of_killed_writers_are_cleaned_and_a_lost_folder_restored(tmp_
     the two-rename fallback killed between its renames leaves no folder, the old one as .NAME.old-PID."""
     import os
 
-    from flexicli import checkpoint
-    from flexicli.checkpoint import read_config
+    from flexicli.core import checkpoint
+    from flexicli.core.checkpoint import read_config
 
     fm = FlexiModel.wrap(tiny_model("llama"), base_model="tiny")
     ckpt = tmp_path / "ckpt"

@@ -63,7 +63,7 @@ def test_corrupted_checkpoint_fails_in_a_fresh_process(tiny_folder, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert flexi("convert", str(tiny_folder), "-o", str(ckpt)).returncode == 0
     (ckpt / "flexi_weights.safetensors").write_bytes(b"garbage")
-    r = subprocess.run([sys.executable, "-c", "from flexicli.model import FlexiModel; import sys;"
+    r = subprocess.run([sys.executable, "-c", "from flexicli.core.flexi_model import FlexiModel; import sys;"
                         f"FlexiModel.load({str(ckpt)!r})"], capture_output=True, text=True)
     assert r.returncode != 0 and "corrupted" in r.stderr
 

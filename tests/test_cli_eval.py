@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import tiny_model
-from flexicli.checkpoint import CARD_FILE, WEIGHTS_FILE, read_config
-from flexicli.model import FlexiModel
+from flexicli.core.checkpoint import CARD_FILE, WEIGHTS_FILE, read_config
+from flexicli.core.flexi_model import FlexiModel
 from test_evaluate import damage
 
 SMALL = ["--max-samples", "4", "--seq-len", "48", "--prompts", "2", "--new-tokens", "6", "--tasks-per-category", "1"]
@@ -150,8 +150,8 @@ def test_bad_input(checkpoint, tmp_path):
 
 def test_default_heldout_data(checkpoint, monkeypatch):
     """No --data: the built-in held-out conversations. Their answers (the original model's own, generated once
-    and cached by flexicli.data) are stubbed here: generating 42 of them is the slow part and is data's to test."""
-    import flexicli.data
+    and cached by flexicli.data.text) are stubbed here: generating 42 of them is the slow part and is data's to test."""
+    import flexicli.data.text
 
     asked = []
 
@@ -159,20 +159,20 @@ def test_default_heldout_data(checkpoint, monkeypatch):
         asked.extend(prompts)
         return ["Fine, thanks."] * len(prompts)
 
-    monkeypatch.setattr(flexicli.data, "teacher_answers", answers)
+    monkeypatch.setattr(flexicli.data.text, "teacher_answers", answers)
     r = flexi_here("eval", "-m", str(checkpoint), "--max-samples", "3", "--prompts", "1", "--new-tokens", "4",
                    "--tasks-per-category", "0", "--json", "--no-save")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["texts"] == 3 and result["data"] == "built-in held-out" and result["passed"] is True
-    assert asked == flexicli.data.heldout_prompts()  # all of them: the cache key `flexi train` uses too
+    assert asked == flexicli.data.text.heldout_prompts()  # all of them: the cache key `flexi train` uses too
 
 
 def test_cli_threshold_defaults_are_the_library_defaults():
     from dataclasses import asdict
 
     from flexicli.cli.eval import _DEFAULTS
-    from flexicli.evaluate import Thresholds
+    from flexicli.evaluation.evaluate import Thresholds
 
     assert _DEFAULTS == asdict(Thresholds())
 

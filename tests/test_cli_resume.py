@@ -4,7 +4,7 @@ One run is SIGKILLed again and again (before its first save, mid-step, inside a 
 write, and twice at a random moment) and each time rerun with `--resume`; it must end with the same bytes as an
 unbroken run of the same command, and after every kill the checkpoint folder must be whole and consistent.
 
-Exact kill points come from the FLEXI_TEST_KILL_AT=POINT:N hook (flexicli/checkpoint.py kill_point: the process
+Exact kill points come from the FLEXI_TEST_KILL_AT=POINT:N hook (flexicli/core/checkpoint.py kill_point: the process
 SIGKILLs itself the Nth time it passes POINT); the random ones are a plain SIGKILL from here after a seeded delay.
 Every process runs with one thread, so the unbroken and the resumed runs compute bit-for-bit the same.
 """
@@ -57,7 +57,7 @@ def check_folder(folder: Path, keys: set[str]) -> int:
     weights and training state from the same save. Returns the step it holds (0: as converted)."""
     from safetensors import safe_open
 
-    from flexicli.checkpoint import read_config, read_weights
+    from flexicli.core.checkpoint import read_config, read_weights
 
     names = {p.name for p in folder.iterdir()}
     assert names <= FILES and {"flexi_config.json", "flexi_weights.safetensors"} <= names, names
@@ -110,7 +110,7 @@ def test_killed_and_resumed_run_ends_like_an_unbroken_one(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     shutil.copytree(ref / "ckpt", broken / "ckpt")
     converted = (ref / "ckpt" / "flexi_weights.safetensors").read_bytes()
-    from flexicli.checkpoint import read_weights
+    from flexicli.core.checkpoint import read_weights
 
     keys = set(read_weights(ref / "ckpt"))
     reference = start(train_args(data, resume=False), ref)  # the unbroken run, beside the broken one

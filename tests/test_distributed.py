@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli import distributed
-from flexicli.errors import BadInput
-from flexicli.model import FlexiModel
-from flexicli.train import TrainConfig, train
+from flexicli.train.loop import distributed
+from flexicli.core.errors import BadInput
+from flexicli.core.flexi_model import FlexiModel
+from flexicli.train.config import TrainConfig
+from flexicli.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -88,7 +89,7 @@ def launched(tmp_path_factory):
 def test_two_processes_match_one(launched, reference, fsdp):
     from safetensors.torch import load_file
 
-    from flexicli.checkpoint import read_weights
+    from flexicli.core.checkpoint import read_weights
 
     mode = "fsdp" if fsdp else "ddp"
     ref_weights, ref_summary, ref_metrics = reference[mode]

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.model import FlexiModel
+from flexicli.core.flexi_model import FlexiModel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_engine_refuses_what_it_does_not_cover():
-    from flexicli.engine import engine_available
+    from flexicli.speed.gpu_engine import engine_available
 
     fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[1], base_model="tiny")
     assert engine_available(fm) == "not on a CUDA device"
@@ -20,7 +20,7 @@ def test_engine_refuses_what_it_does_not_cover():
 
 @cuda
 def test_engine_matches_reference_and_records_decisions():
-    from flexicli.engine import DecodeEngine, engine_available, greedy_decode
+    from flexicli.speed.gpu_engine import DecodeEngine, engine_available
 
     model = tiny_model("llama").to("cuda")
     fm = FlexiModel.wrap(model, routed_layers=[0, 1], base_model="tiny")
@@ -43,13 +43,18 @@ def test_engine_matches_reference_and_records_decisions():
 
     with torch.no_grad(), fm.record() as rec:
         hf = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 12:]
-    tokens, decisions = greedy_decode(fm, ids, 6)
+    engine = DecodeEngine(model, fm, max_len=ids.shape[1] + 7)  # greedy decoding on the engine, as flexi bench runs it
+    engine.threshold = fm.state.threshold
+    g = engine.graph("routed")
+    _, prompt_flags = g.prefill(ids, keep_logits=True)
+    tokens, flags = g.generate(6, record=True)
+    tokens, decisions = tokens.cpu(), torch.cat([prompt_flags[:, engine.routed_layers].bool(), flags[:-1]]).cpu()
     assert torch.equal(tokens, hf.cpu()) and torch.equal(decisions, rec.decisions()[0])
 
 
 @cuda
 def test_bench_on_cuda_reports_the_engine():
-    from flexicli.bench import run_bench
+    from flexicli.speed.bench import run_bench
 
     fm = FlexiModel.wrap(tiny_model("llama").to("cuda"), routed_layers=[0, 1], base_model="tiny")
     r = run_bench(fm, skip=1, prefill_len=16, decode_prompt=4, new_tokens=4, repeats=1)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.evaluate import (Thresholds, _item_flips, compare_teacher_forced, evaluate, failed_checks,
-                               fake_quantize, first_divergence, flips, generate_ids, place, quantile, quantised,
-                               retention, skip_counts, token_kl, token_nll, top1_match)
-from flexicli.model import FlexiModel
+from flexicli.evaluation.evaluate import (Thresholds, _item_flips, compare_teacher_forced, evaluate, failed_checks,
+                                          fake_quantize, first_divergence, generate_ids, place, quantile, quantised,
+                                          skip_counts, token_kl, token_nll, top1_match)
+from flexicli.evaluation.scores import flips, retention
+from flexicli.core.flexi_model import FlexiModel
 
 
 # ---- metrics on constructed inputs ----------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_verdict_fails_on_a_damaged_model():
 
 
 def test_bad_arguments_are_bad_input():
-    from flexicli.errors import BadInput
+    from flexicli.core.errors import BadInput
 
     fm = FlexiModel.wrap(tiny_model("llama"), base_model="tiny")
     with pytest.raises(BadInput):
@@ -267,7 +268,7 @@ TEXTS = ["The museum opens at nine and closes at five. Visitors can buy tickets 
 
 @pytest.mark.real
 def test_real_exact_conversion_passes_and_damage_fails(smollm2):
-    from flexicli.tasks import load_tasks
+    from flexicli.data.tasks import load_tasks
 
     model, tok, info = smollm2
     fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)

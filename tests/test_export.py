@@ -15,9 +15,9 @@ import torch
 
 from conftest import tiny_model
 from flexicli.convert import convert
-from flexicli.errors import CheckpointError
-from flexicli.export import MODELING_FILE, export, modeling_source
-from flexicli.model import FlexiModel
+from flexicli.core.errors import CheckpointError
+from flexicli.sharing.export import MODELING_FILE, export, modeling_source
+from flexicli.core.flexi_model import FlexiModel
 
 IDS = [[5, 17, 99, 3, 42, 8, 77, 12, 64, 31], [9, 9, 9, 9, 120, 4, 56, 7, 88, 23]]
 
@@ -139,7 +139,7 @@ def test_stock_transformers_runs_the_skip_units(tmp_path, unit, router):
 
 
 def test_modeling_code_is_flexicli_source_without_flexicli():
-    import flexicli.layer as layer
+    import flexicli.core.routed_layer as layer
 
     src = modeling_source("LlamaForCausalLM")
     assert inspect.getsource(layer.FlexiLayer) in src and inspect.getsource(layer.Router) in src
@@ -158,7 +158,7 @@ def test_export_is_atomic(tmp_path, tiny_folder, monkeypatch):
     def broken(_):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("flexicli.export.modeling_source", broken)
+    monkeypatch.setattr("flexicli.sharing.export.modeling_source", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export(ckpt, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken", "tiny-llama"]  # no half folder, no temp

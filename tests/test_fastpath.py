@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_model
-from flexicli.fastpath import plan_for
-from flexicli.model import FlexiModel
+from flexicli.core.sparse_attention import plan_for
+from flexicli.core.flexi_model import FlexiModel
 
 COVERED = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2", "phi3"}  # others: reference path
 
@@ -196,7 +196,7 @@ def test_smollm2_fast_path_equals_reference(smollm2):
 
 
 def test_router_inference_form_equals_forward():
-    from flexicli.layer import Router
+    from flexicli.core.routed_layer import Router
 
     r = Router(64)
     torch.nn.init.normal_(r.head.weight, std=0.5)

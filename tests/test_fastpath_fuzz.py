@@ -11,7 +11,7 @@ of the threshold, and checked through fm.record(). Both paths must give the same
 same K/V for every layer and every position (skipped tokens included), with the cache as long as the sequence in
 every layer.
 
-Every case runs for each skip unit (flexicli/units.py): `layer` with the committed seeds, `module` (a decision per
+Every case runs for each skip unit (flexicli/core/units.py): `layer` with the committed seeds, `module` (a decision per
 attention and per MLP sublayer, so one token may skip attention and run the MLP, or the reverse) and `mlp` with
 the first MODULE_SEEDS of them; their draws come from `random.Random(f"{family}-{seed}-{unit}")`, so the `layer`
 cases are the ones they were before units existed.
@@ -31,8 +31,8 @@ import torch
 from transformers import DynamicCache
 
 from conftest import FAMILIES, tiny_config, tiny_model
-from flexicli.compat import CacheKeywordError, cache_kwargs, output_cache
-from flexicli.model import FlexiModel
+from flexicli.core.compat import CacheKeywordError, cache_kwargs, output_cache
+from flexicli.core.flexi_model import FlexiModel
 
 # Per family: 9 families x 24 seeds = 216 cases, ~25 s on one thread. FLEXI_FUZZ_SEEDS="lo-hi" runs another range
 # (a longer hunt); the committed list is the default, so a failure there reproduces as it is.
@@ -50,7 +50,7 @@ KV_ATOL = 1e-5
 class Case:
     family: str
     seed: int
-    unit: str  # the skip unit (flexicli/units.py)
+    unit: str  # the skip unit (flexicli/core/units.py)
     batch: int
     pads: list[int]  # left padding per row
     chunks: list[int]  # prefill length, then the cached steps

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from flexicli.cli import main
-from flexicli.generate import (Detokenizer, LayerModel, Sampling, depth_colour, first_divergence, generate,
-                               open_model)
-from flexicli.model import FlexiModel
+from flexicli.generation.decode import (Detokenizer, LayerModel, Sampling, depth_colour, generate,
+                                        generation_divergence, open_model)
+from flexicli.core.flexi_model import FlexiModel
 from tiny_text import NUM_LAYERS, ROUTED, plant_routers, tiny_checkpoint, tiny_talking_model
 
 PROMPT = "w1 w2 w3 w4"
@@ -103,9 +103,9 @@ def test_depth_colour_ends_and_divergence():
     lm = tiny_lm()
     a = generate(lm, [5, 9], 6, Sampling(1.0, seed=1), decode=as_text, stop_ids=[])
     b = generate(lm, [5, 9], 6, Sampling(1.0, seed=2), decode=as_text, stop_ids=[])
-    k = first_divergence(a, b)
+    k = generation_divergence(a, b)
     assert k is not None and a.tokens[:k] == b.tokens[:k] and a.tokens[k].token_id != b.tokens[k].token_id
-    assert first_divergence(a, a) is None
+    assert generation_divergence(a, a) is None
 
 
 # ---- the command line on a tiny checkpoint with a tokenizer --------------------------------------------------

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY
-from flexicli.errors import BadInput, CheckpointError
-from flexicli.interop import import_flexidepth
+from flexicli.core.errors import BadInput, CheckpointError
+from flexicli.sharing.flexidepth_import import import_flexidepth
 
 ROUTED = [2, 3]  # the second half of a 4-layer model, as the official checkpoint routes 16..31 of 32
 D, R, A = 64, 4, 8  # hidden, router bottleneck d/16, adapter width intermediate/16
@@ -107,7 +107,7 @@ def test_import_reproduces_the_official_formula(tmp_path):
 
     card = (tmp_path / "ckpt" / "README.md").read_text()
     assert "Imported from" in card and "not by flexicli" in card
-    from flexicli.model import FlexiModel  # the written checkpoint loads back to the same model
+    from flexicli.core.flexi_model import FlexiModel  # the written checkpoint loads back to the same model
 
     with torch.no_grad():
         assert torch.equal(FlexiModel.load(tmp_path / "ckpt").model(ids).logits, ours)

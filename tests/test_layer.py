@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_model
-from flexicli.model import FlexiModel
+from flexicli.core.flexi_model import FlexiModel
 
 
 def ids(n=12, batch=2, seed=1):
@@ -19,7 +19,7 @@ def convert_tiny(family, routed=(1,), **kw):
     return original, FlexiModel.wrap(copy.deepcopy(original), routed_layers=list(routed), base_model="tiny", **kw)
 
 
-# (skip unit, router kind): every unit with either router (flexicli/units.py)
+# (skip unit, router kind): every unit with either router (flexicli/core/units.py)
 UNITS = [("layer", "flexidepth"), ("layer", "linear"), ("module", "flexidepth"), ("module", "linear"),
          ("mlp", "flexidepth"), ("mlp", "linear")]
 
@@ -108,8 +108,8 @@ def test_straight_through_gradient_reaches_router_only():
 
 
 def test_unknown_family_names_what_it_looked_for():
-    from flexicli.errors import UnsupportedModel
-    from flexicli.families import LayerParts
+    from flexicli.core.errors import UnsupportedModel
+    from flexicli.core.families import LayerParts
 
     model = tiny_model("llama")
     model.config.model_type = "mystery"
@@ -127,7 +127,7 @@ def test_unknown_family_names_what_it_looked_for():
 def test_output_hidden_states_include_the_routed_layers(family):
     """transformers records hidden states with hooks on its decoder-layer class; a routed layer must still appear."""
     from conftest import tiny_model
-    from flexicli.model import FlexiModel
+    from flexicli.core.flexi_model import FlexiModel
 
     original = tiny_model(family)
     fm = FlexiModel.wrap(copy.deepcopy(original), routed_layers=[1], base_model="tiny")

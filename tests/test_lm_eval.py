@@ -1,4 +1,4 @@
-"""flexicli.lm_eval and `flexi eval --lm-eval-tasks` against the real lm-evaluation-harness, offline: the local
+"""flexicli.evaluation.lm_eval and `flexi eval --lm-eval-tasks` against the real lm-evaluation-harness, offline: the local
 tasks in tests/lm_eval_tasks (a multiple-choice and a generation task, JSON data beside the YAML). The harness's
 scores of the original and of the routed model are checked against the tests' own computation with the same
 weights: each choice's loglikelihood and the argmax for multiple choice, a greedy decode and exact match for
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli import lm_eval as flexi_lm_eval
-from flexicli.errors import BadInput
-from flexicli.model import FlexiModel
+from flexicli.evaluation import lm_eval as flexi_lm_eval
+from flexicli.core.errors import BadInput
+from flexicli.core.flexi_model import FlexiModel
 
 pytest.importorskip("lm_eval")  # the lm-eval extra (scripts/setup.sh installs it)
 
@@ -155,7 +155,7 @@ def test_flips_in_both_directions(checkpoint, tmp_path):
 
 
 def test_flexi_eval_stores_lm_eval_in_config_and_card(checkpoint):
-    from flexicli.checkpoint import CARD_FILE, read_config
+    from flexicli.core.checkpoint import CARD_FILE, read_config
     from test_cli_eval import SMALL, TEXTS, flexi_here
 
     data = checkpoint.parent / "data.jsonl"

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from flexicli.cli import main
-from flexicli.generate import depth_colour
-from flexicli.patterns import Prompt, TokenRecord, analyse, builtin_prompts, read_prompts
-from flexicli.patterns_report import _tint
+from flexicli.generation.decode import depth_colour
+from flexicli.generation.patterns import Prompt, TokenRecord, analyse, builtin_prompts, read_prompts
+from flexicli.generation.report import _tint
 from tiny_text import NUM_LAYERS, ROUTED, tiny_checkpoint
 
 OUTPUTS = ["report.html", "tokens.jsonl", "summary.json"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexicli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config, update_config, weights_digest
+from flexicli.core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config, update_config, weights_digest
 from flexicli.convert import convert
 from test_cli_convert import one_error_line
 
@@ -151,8 +151,8 @@ def test_dry_run_lists_files_and_card_without_network(ckpt, hub, tmp_path):
 
 def store_verdict(folder: Path, damaged: bool):
     """A real verdict on token ids (the tiny base has no tokenizer), stored as `flexi eval` stores it."""
-    from flexicli.evaluate import evaluate, store
-    from flexicli.model import FlexiModel
+    from flexicli.evaluation.evaluate import evaluate, store
+    from flexicli.core.flexi_model import FlexiModel
     from test_evaluate import damage, sequences
 
     fm = FlexiModel.load(folder, device="cpu")
@@ -163,8 +163,8 @@ def store_verdict(folder: Path, damaged: bool):
 
 
 def test_plan_check_refusal_and_repo_ids(ckpt, monkeypatch):
-    from flexicli.errors import BadInput, Failure
-    from flexicli.push import plan_push, push
+    from flexicli.core.errors import BadInput, Failure
+    from flexicli.sharing.push import plan_push, push
 
     plan = plan_push(ckpt, "me/x")
     assert plan.check == "it has no eval result" and plan.refusal is None  # a real push would check first
@@ -188,8 +188,8 @@ def test_plan_check_refusal_and_repo_ids(ckpt, monkeypatch):
 
 
 def test_a_stale_verdict_is_not_trusted(ckpt):
-    from flexicli.model import FlexiModel
-    from flexicli.push import plan_push
+    from flexicli.core.flexi_model import FlexiModel
+    from flexicli.sharing.push import plan_push
 
     store_verdict(ckpt, damaged=False)
     assert plan_push(ckpt).check is None and read_config(ckpt).eval["weights_sha256"] == weights_digest(ckpt)
@@ -237,7 +237,7 @@ def test_push_one_commit_then_load_back_by_id(ckpt, hub, tmp_path, monkeypatch):
     (snap.parent.parent / "refs" / "main").write_text(out["commit"])
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    from flexicli.model import FlexiModel
+    from flexicli.core.flexi_model import FlexiModel
 
     x = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
@@ -271,8 +271,8 @@ def test_hub_error_lines():
         import httpx  # huggingface_hub 1.x (e.g. beside transformers 5.17, which requires huggingface_hub<2)
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-    from flexicli.errors import BadInput, Failure
-    from flexicli.hub import hub_error
+    from flexicli.core.errors import BadInput, Failure
+    from flexicli.core.hub import hub_error
 
     def http(status):
         return HfHubHTTPError("x", response=httpx.Response(status, request=httpx.Request("POST", "http://h/x")))
@@ -287,12 +287,12 @@ def test_hub_error_lines():
 
 
 def test_exported_folder_is_pushed_whole(ckpt, tmp_path):
-    from flexicli.export import export
+    from flexicli.sharing.export import export
 
     passed_eval(ckpt)
     out = tmp_path / "export"
     export(ckpt, out)
-    from flexicli.push import plan_push
+    from flexicli.sharing.push import plan_push
 
     plan = plan_push(out, "me/x")
     paths = {p for p, _ in plan.files}
@@ -304,8 +304,8 @@ def test_exported_folder_is_pushed_whole(ckpt, tmp_path):
 def test_card_metadata_license_and_layer_usage(ckpt, tiny_folder):
     from dataclasses import replace
 
-    from flexicli.card import render_card
-    from flexicli.checkpoint import read_config
+    from flexicli.core.card import render_card
+    from flexicli.core.checkpoint import read_config
 
     config = read_config(ckpt)
     (tiny_folder / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# tiny\n")

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from flexicli.model import FlexiModel
+from flexicli.core.flexi_model import FlexiModel
 
 pytestmark = pytest.mark.real
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.objectives import BudgetPenalty, gate_margin
-from flexicli.model import FlexiModel
-from flexicli.train import TrainConfig, batch_at, load_recipe, train
+from flexicli.train.budget import BudgetPenalty
+from flexicli.train.objectives import gate_margin
+from flexicli.core.flexi_model import FlexiModel
+from flexicli.train.config import TrainConfig, load_recipe
+from flexicli.train.loop import batch_indices, train
 
 
 def peaky_tiny(family="llama", sharpen=30.0):
@@ -55,7 +57,7 @@ def test_distillation_loss_falls_at_fixed_skipping():
     """Layer 1 is forced to skip (its router saturated); training the adapter must bring the KL on the training
     rows down. (Held-out rows of random tokens share nothing with the training rows, so they cannot improve.)"""
     fm, rows, _ = setup()
-    from flexicli.train import heldout_metrics
+    from flexicli.train.loop import heldout_metrics
 
     fm.layers[0].router.bias.data.fill_(20.0)
     fm.layers[1].router.bias.data.fill_(-20.0)
@@ -95,7 +97,7 @@ def test_capacity_skips_exactly_the_share_at_every_step(tmp_path):
 
 
 def test_capacity_decisions_pick_the_lowest_gates_and_break_ties():
-    from flexicli.layer import capacity_decisions
+    from flexicli.core.routed_layer import capacity_decisions
 
     w = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
     run, centre = capacity_decisions(w, 0.5)
@@ -143,7 +145,7 @@ def test_resume_equals_unbroken_run(tmp_path, budget):
     train(fm_a, cfg(**c), rows=rows, heldout=None, progress=False, log=lambda m: None)
     train(fm_b, cfg(**c), rows=rows, heldout=None, progress=False, log=lambda m: None, stop_after=4)  # "killed"
     fm_c = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")  # as in a fresh process
-    from flexicli.checkpoint import read_weights
+    from flexicli.core.checkpoint import read_weights
 
     fm_c.load_flexi_state_dict(read_weights(tmp_path / "b"))
     fm_c.path = tmp_path / "b"
@@ -153,14 +155,14 @@ def test_resume_equals_unbroken_run(tmp_path, budget):
 
 
 def test_data_order_is_a_function_of_seed_and_index():
-    rows = torch.arange(40).view(10, 4)
-    assert torch.equal(batch_at(rows, 0, 3, 4), batch_at(rows, 0, 3, 4))
-    seen = torch.cat([batch_at(rows, 0, i, 2) for i in range(5)])[:, 0].tolist()
-    assert sorted(seen) == list(range(0, 40, 4)), "one epoch visits every row once"
+    assert torch.equal(batch_indices(10, 0, 3, 4), batch_indices(10, 0, 3, 4))
+    assert not torch.equal(batch_indices(10, 0, 3, 4), batch_indices(10, 1, 3, 4)), "another seed, another order"
+    seen = torch.cat([batch_indices(10, 0, i, 2) for i in range(5)]).tolist()
+    assert sorted(seen) == list(range(10)), "one epoch visits every row once"
 
 
 def test_recipes_load_and_bad_settings_fail():
-    from flexicli.errors import BadInput
+    from flexicli.core.errors import BadInput
 
     r = load_recipe("smollm2-135m-cpu")
     assert TrainConfig.from_dict({**r, "skip_target": 4}).steps == r["steps"]
@@ -176,8 +178,8 @@ def test_gradient_checkpointing_gives_same_gradients():
     fm, rows, _ = setup()
     fm2 = copy.deepcopy(fm)
     fm2.state.checkpointing = True
-    from flexicli.objectives import logits_fn
-    from flexicli.train import train_step
+    from flexicli.train.objectives import logits_fn
+    from flexicli.train.loop import train_step
 
     grads = []
     for m in (fm, fm2):
@@ -190,7 +192,8 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_threshold_calibration_hits_the_target():
-    from flexicli.train import calibrate_threshold, heldout_metrics
+    from flexicli.train.calibration import calibrate_threshold
+    from flexicli.train.loop import heldout_metrics
 
     fm, rows, _ = setup()
     for layer in fm.layers:  # routers that spread their gates over (0, 1)
@@ -203,8 +206,8 @@ def test_threshold_calibration_hits_the_target():
 
 def test_mean_skipped_from_cached_prefix_equals_full_pass():
     """Calibration starts each pass at the first routed layer from cached hidden states: same count as a full pass."""
-    from flexicli.teacher import TeacherCache
-    from flexicli.train import mean_skipped
+    from flexicli.train.teacher import TeacherCache
+    from flexicli.train.calibration import mean_skipped
 
     fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[1], base_model="tiny")  # layer 0 runs before the routing
     for layer in fm.layers:
@@ -219,9 +222,9 @@ def test_mean_skipped_from_cached_prefix_equals_full_pass():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_teacher_cache_gives_the_same_step(family):
     """A step from cached teacher/prefix hidden states equals a step that recomputes them."""
-    from flexicli.objectives import logits_fn
-    from flexicli.teacher import TeacherCache
-    from flexicli.train import train_step
+    from flexicli.train.objectives import logits_fn
+    from flexicli.train.teacher import TeacherCache
+    from flexicli.train.loop import train_step
 
     fm = FlexiModel.wrap(peaky_tiny(family, sharpen=8.0), routed_layers=[1], base_model="tiny")  # GPT-2 ties it
     rows = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -245,8 +248,8 @@ def test_teacher_cache_gives_the_same_step(family):
 def test_router_warm_start_ranks_tokens_and_sets_the_budget():
     """After the warm start each router orders tokens like its layer's influence (1 - cos(h_in, h_out)), and the
     routed model skips about the target number of layers before any training step."""
-    from flexicli.router_init import unit_influence, warm_start_routers
-    from flexicli.train import mean_skipped
+    from flexicli.train.router_init import unit_influence, warm_start_routers
+    from flexicli.train.calibration import mean_skipped
 
     fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
     rows = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(0))
@@ -269,7 +272,7 @@ def test_router_warm_start_ranks_tokens_and_sets_the_budget():
 def test_trim_metrics_drops_lines_past_the_saved_step_and_a_torn_one(tmp_path):
     import json
 
-    from flexicli.train import trim_metrics
+    from flexicli.train.resume import trim_metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
@@ -285,8 +288,8 @@ def test_trim_metrics_drops_lines_past_the_saved_step_and_a_torn_one(tmp_path):
 def test_resume_without_train_state(tmp_path):
     """--resume where no step was saved yet (a run killed before its first save) starts from step 0, equal to a
     run without --resume, and drops the stray metrics lines; a trained folder without its state is an error."""
-    from flexicli.checkpoint import read_weights
-    from flexicli.errors import BadInput
+    from flexicli.core.checkpoint import read_weights
+    from flexicli.core.errors import BadInput
 
     fm_a, rows, _ = setup(tmp_path / "a")
     fm_b, _, _ = setup(tmp_path / "b")
@@ -306,9 +309,9 @@ def test_resume_without_train_state(tmp_path):
 def test_token_id_data_for_a_model_without_tokenizer(tmp_path):
     import json
 
-    from flexicli.data import pack, read_data
-    from flexicli.errors import BadInput
-    from flexicli.train import training_rows
+    from flexicli.data.text import pack, read_data
+    from flexicli.core.errors import BadInput
+    from flexicli.train.loop import training_rows
 
     path = tmp_path / "tokens.jsonl"
     path.write_text("".join(json.dumps({"input_ids": list(range(i, i + 10))}) + "\n" for i in range(3, 9)))
@@ -335,3 +338,42 @@ def test_cli_resume_with_nothing_saved_needs_the_target(tmp_path, tiny_folder):
     convert(str(tiny_folder), tmp_path / "ckpt")
     r = CliRunner().invoke(main, ["train", "-m", str(tmp_path / "ckpt"), "--resume"])
     assert r.exit_code == 2 and "--skip-target is required: no step of a run was saved" in r.output, r.output
+
+
+def test_penalty_balance_starts_lambda_where_the_count_stops_moving():
+    """penalty_balance's lambda, put into the budget term as training uses it (budget.loss), leaves the skipped
+    count still to first order along Adam's direction; lambda = 0 lets the distillation loss pull it down."""
+    from flexicli.train.loop import _forward, penalty_balance
+    from flexicli.train.objectives import logits_fn
+    from flexicli.train.router_init import warm_start_routers
+
+    fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
+    rows = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    warm_start_routers(fm, rows, skip_target=1.0)
+    c = cfg(router_init="influence")
+    for p in fm.trainable_parameters():
+        p.requires_grad_(True)
+    routers = [p for layer in fm.layers for r in layer.routers.values() for p in r.parameters()]
+    head, batches = logits_fn(fm.model), [rows[batch_indices(16, 0, m, 4)] for m in range(4)]
+    # the sharpened tiny head makes the KL (and its pull) far larger than on a real model: within the default
+    # anti-windup limit there is no balance, and the limit is what penalty_balance returns
+    assert penalty_balance(fm, batches, c, head, 1.0, BudgetPenalty(fm.capacity), routers) == 1.0
+    budget = BudgetPenalty(fm.capacity, limit=100.0)
+    lam = penalty_balance(fm, batches, c, head, 1.0, budget, routers)
+    assert 1.0 < lam < budget.limit
+
+    def count_drift(lam):  # d(count) along -m/rms of the whole loss's gradients, each batch a step
+        budget.lam = lam
+        grads, counts = [], []
+        for batch in batches:
+            f = _forward(fm, batch, c, head, 1.0, budget)
+            g = torch.autograd.grad(f["main"] + f["extra"], routers, retain_graph=True)
+            s = torch.autograd.grad(f["skipped_st"].mean(), routers)
+            grads.append(torch.cat([x.flatten() for x in g]))
+            counts.append(torch.cat([x.flatten() for x in s]))
+        g, s = torch.stack(grads), torch.stack(counts).mean(0)
+        return -float((s * g.mean(0) / (g.pow(2).mean(0).sqrt() + 1e-12)).sum())
+
+    at_zero, at_balance = count_drift(0.0), count_drift(lam)
+    assert at_zero < 0, "without the budget term the distillation loss lowers the count"
+    assert abs(at_balance) < 0.05 * abs(at_zero), (at_zero, at_balance)

@@ -1,4 +1,4 @@
-"""Training with the skip units of flexicli/units.py: the budget counts layer-equivalents for every unit, the
+"""Training with the skip units of flexicli/core/units.py: the budget counts layer-equivalents for every unit, the
 density budget (Learning to Skip's regulariser) hits --skip-target after calibration, resume equals an unbroken run,
 and the defaults (router warm start, fitted adapters; the capacity budget) work per unit."""
 
@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.checkpoint import read_weights
-from flexicli.errors import BadInput
-from flexicli.model import FlexiModel
-from flexicli.adapter_init import layer_pairs
-from flexicli.objectives import BudgetCapacity, BudgetDensity, gate_stats, logits_fn, unit_density, weighted_quantile
-from flexicli.router_init import target_logits, unit_influence
-from flexicli.train import TrainConfig, train, train_step
+from flexicli.core.checkpoint import read_weights
+from flexicli.core.errors import BadInput
+from flexicli.core.flexi_model import FlexiModel
+from flexicli.train.adapter_init import layer_pairs
+from flexicli.train.budget import BudgetCapacity, BudgetDensity, weighted_quantile
+from flexicli.train.objectives import gate_stats, logits_fn, unit_density
+from flexicli.train.router_init import target_logits, unit_influence
+from flexicli.train.config import TrainConfig
+from flexicli.train.loop import train, train_step
 from test_train import cfg, peaky_tiny
 
 

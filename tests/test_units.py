@@ -1,4 +1,4 @@
-"""Skip units (flexicli/units.py): the module/mlp forward by hand, what a unit costs, configs and the CLI."""
+"""Skip units (flexicli/core/units.py): the module/mlp forward by hand, what a unit costs, configs and the CLI."""
 
 import copy
 import json
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from flexicli.errors import BadInput, CheckpointError
-from flexicli.model import FlexiModel
+from flexicli.core.errors import BadInput, CheckpointError
+from flexicli.core.flexi_model import FlexiModel
 
 
 def wrap(family="llama", **kw):
@@ -142,7 +142,7 @@ def test_cli_convert_module(tiny_folder, tmp_path):
 
 
 def test_fingerprint_ignores_the_new_routers():
-    from flexicli.checkpoint import fingerprint
+    from flexicli.core.checkpoint import fingerprint
 
     original = tiny_model("gpt2")
     fm = FlexiModel.wrap(copy.deepcopy(original), routed_layers=[1], base_model="tiny", skip_unit="module")
@@ -153,7 +153,7 @@ def test_fingerprint_ignores_the_new_routers():
 def test_generate_counts_layer_equivalents_and_names_the_units(unit):
     """Each generated token carries the units it skipped (as a full forward records them) and its layer count in
     layer-equivalents; the JSON has the per-unit decisions."""
-    from flexicli.generate import LayerModel, Sampling, generate, layer_range
+    from flexicli.generation.decode import LayerModel, Sampling, generate, layer_range
     from tiny_text import NUM_LAYERS, ROUTED, tiny_talking_model
 
     fm = FlexiModel.wrap(tiny_talking_model(), routed_layers=ROUTED, base_model="tiny", skip_unit=unit)
@@ -183,7 +183,7 @@ def test_generate_counts_layer_equivalents_and_names_the_units(unit):
 def test_card_shows_per_unit_rates_in_forward_order():
     from dataclasses import replace
 
-    from flexicli.card import render_card
+    from flexicli.core.card import render_card
 
     fm = wrap(skip_unit="module")
     rates = {"1.mlp": 0.5, "0.attn": 0.25, "0.mlp": 0.0, "1.attn": 1.0}
@@ -200,8 +200,8 @@ def test_card_shows_per_unit_rates_in_forward_order():
 def test_patterns_show_per_unit_usage(tmp_path):
     import json
 
-    from flexicli.generate import LayerModel
-    from flexicli.patterns import Prompt, analyse, collect, unit_args, write_outputs
+    from flexicli.generation.decode import LayerModel
+    from flexicli.generation.patterns import Prompt, analyse, collect, unit_args, write_outputs
 
     fm = wrap(skip_unit="module")
     with torch.no_grad():

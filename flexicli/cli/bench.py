@@ -20,12 +20,12 @@ from .common import device_options, emit_json, json_option, model_option, stderr
 def command(model_dir, skip, prefill_len, decode_prompt, new_tokens, repeats, threads, device, dtype, as_json):
     import torch
 
-    from ..bench import run_bench
-    from ..model import FlexiModel
+    from ..speed.bench import run_bench
+    from ..core.flexi_model import FlexiModel
 
     if threads is not None:
         if threads < 1:
-            from ..errors import BadInput
+            from ..core.errors import BadInput
 
             raise BadInput(f"--threads {threads}: must be at least 1")
         torch.set_num_threads(threads)

@@ -9,7 +9,8 @@ import traceback
 
 import click
 
-DEFAULT_MODEL_DIR = "flexi-model"
+from ..core import DEFAULT_DIR
+
 
 
 def stderr_console():
@@ -19,7 +20,7 @@ def stderr_console():
 
 
 def model_option(f):
-    return click.option("-m", "--model", "model_dir", default=DEFAULT_MODEL_DIR, show_default=True,
+    return click.option("-m", "--model", "model_dir", default=DEFAULT_DIR, show_default=True,
                         help="Checkpoint folder (or the Hub id of a pushed checkpoint).")(f)
 
 
@@ -41,7 +42,7 @@ class FlexiGroup(click.Group):
     """Maps flexicli's typed errors to one line on stderr and their exit code; traceback only with --debug."""
 
     def invoke(self, ctx):
-        from ..errors import FlexiError
+        from ..core.errors import FlexiError
 
         try:
             return super().invoke(ctx)
@@ -60,3 +61,28 @@ class FlexiGroup(click.Group):
             traceback.print_exc()
         click.echo(line, err=True)
         sys.exit(code)
+
+
+def run_with_progress(console, work, transient_stages=()):
+    """work(progress) under one bar per stage: the library reports progress(stage, done, total, info="") and the
+    bars live here. The bars of `transient_stages` vanish when work ends (so an error line after them stays the
+    only line), the others stay as a record of what ran."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                  transient=False) as bar:
+        ids = {}
+
+        def progress(stage, done, total, info=""):
+            if stage not in ids:
+                ids[stage] = bar.add_task(stage, total=total, info=info)
+            bar.update(ids[stage], completed=done, total=total, info=info)
+
+        try:
+            return work(progress)
+        finally:
+            for stage in transient_stages:
+                if stage in ids:
+                    bar.remove_task(ids[stage])

@@ -1,6 +1,6 @@
 import click
 
-from .common import device_options, emit_json, json_option, model_option, stderr_console
+from .common import device_options, emit_json, json_option, model_option, run_with_progress, stderr_console
 
 # The same as evaluate.Thresholds() (a test checks); repeated here so that `--help` needs no torch import.
 _DEFAULTS = dict(max_kl=0.25, min_top1=0.80, min_retention=0.90, min_greedy_match=None)
@@ -41,7 +41,7 @@ class Limit(click.ParamType):
 @click.option("--tasks-per-category", type=click.IntRange(min=0), default=3, show_default=True,
               help="Items of each task category run on both models (0: skip the task suite).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--threshold", type=float, default=None,
               help="Router threshold to evaluate at (default: the checkpoint's own).")
 @click.option("--skip-layers", default=None, help="Instead of the routers: skip these routed layers for every "
               "token, run the rest (e.g. '25-28'), to compare with static layer skipping.")
@@ -73,18 +73,20 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
             lm_eval_limit, lm_eval_include, lm_eval_fewshot, no_save, device, dtype, as_json):
     from pathlib import Path
 
-    from ..checkpoint import weights_digest
-    from ..errors import BadInput
-    from ..evaluate import Thresholds, evaluate, store
-    from ..hub import looks_like_hub_id
-    from ..model import FlexiModel
+    from ..core.checkpoint import weights_digest
+    from ..core.errors import BadInput
+    from ..core.flexi_model import FlexiModel
+    from ..core.hub import looks_like_hub_id
+    from ..evaluation.evaluate import Thresholds, evaluate, store
+    from ..generation.decode import check_threshold
 
+    check_threshold(threshold)
     if data is not None and not Path(data).is_file():  # checked before the slow load
         raise BadInput(f"no such data file: {data}", "pass a .jsonl or .txt file to --data")
     harness = None
     if lm_eval_tasks is not None or lm_eval_include or lm_eval_limit or lm_eval_fewshot is not None:
         # checked before the slow load, the task names too: an --lm-eval-* option without tasks is an error
-        from ..lm_eval import task_specs
+        from ..evaluation.lm_eval import task_specs
 
         names = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
         harness = dict(tasks=task_specs(names, list(lm_eval_include)), limit=lm_eval_limit,
@@ -97,10 +99,10 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
         fm = FlexiModel.load(model_dir, device=device, dtype=dtype)
     if fm.tokenizer is None:
         raise BadInput(f"the base model of {model_dir} has no tokenizer, so eval cannot read text",
-                       "evaluate from Python with token ids: flexicli.evaluate.evaluate(fm, data=[[ids...]])")
+                       "evaluate from Python with token ids: flexicli.evaluation.evaluate.evaluate(fm, data=[[ids...]])")
     texts = None
     if data is not None:
-        from ..data import read_data
+        from ..data.text import read_data
 
         texts = read_data(data, fm.tokenizer)
     routing = {"mode": "routed"} if threshold is None else {"mode": "routed", "threshold": threshold}
@@ -109,7 +111,7 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
     thresholds = Thresholds(max_kl=max_kl, min_top1=min_top1, min_retention=min_retention,
                             min_greedy_match=min_greedy_match)
 
-    result = _run_with_progress(console, lambda progress: evaluate(
+    result = run_with_progress(console, lambda progress: evaluate(
         fm, data=texts, max_samples=max_samples, seq_len=seq_len, n_prompts=n_prompts, new_tokens=new_tokens,
         tasks_per_category=tasks_per_category, batch_size=batch_size, thresholds=thresholds, routing=routing,
         progress=progress, yardstick=yardstick, lm_eval=harness))
@@ -131,8 +133,8 @@ def command(ctx, model_dir, data, max_samples, seq_len, n_prompts, new_tokens, t
 
 
 def _routed_subset(fm, spec: str) -> list[int]:
-    from ..errors import BadInput
-    from ..model import parse_layers
+    from ..core.errors import BadInput
+    from ..core.flexi_model import parse_layers
 
     try:
         layers = parse_layers(spec, fm.config.num_layers)
@@ -143,28 +145,6 @@ def _routed_subset(fm, spec: str) -> list[int]:
         routed = fm.config.routed_layers
         raise BadInput(f"--skip-layers names layers {outside} that are not routed (routed: {routed[0]}..{routed[-1]})")
     return layers
-
-
-def _run_with_progress(console, work, transient_stages=()):
-    """work(progress) under one bar per stage; the bars of `transient_stages` vanish when work ends (so an error
-    line after them stays the only line), the others stay as a record of what ran."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
-        ids = {}
-
-        def progress(stage, done, total):
-            if stage not in ids:
-                ids[stage] = bar.add_task(stage, total=total)
-            bar.update(ids[stage], completed=done)
-
-        try:
-            return work(progress)
-        finally:
-            for stage in transient_stages:
-                if stage in ids:
-                    bar.remove_task(ids[stage])
 
 
 def _fmt(value, pct=False):

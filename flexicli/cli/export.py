@@ -12,7 +12,7 @@ from .common import emit_json, json_option, model_option, stderr_console
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @json_option
 def command(model_dir, output, dtype, force, as_json):
-    from ..export import export
+    from ..sharing.export import export
 
     with stderr_console().status(f"exporting {model_dir}..."):
         info = export(model_dir, output, dtype=dtype, overwrite=force)

@@ -34,8 +34,8 @@ DIVERGENCE_MARK = "▶"
 @json_option
 def command(prompt, model_dir, base, show_layers, max_new_tokens, temperature, top_p, seed, threshold, compare, raw,
             device, dtype, as_json):
-    from ..errors import BadInput
-    from ..generate import Sampling, check_threshold, open_model
+    from ..core.errors import BadInput
+    from ..generation.decode import Sampling, check_threshold, open_model
 
     sampling = Sampling(temperature, top_p, seed).check()
     check_threshold(threshold)
@@ -95,7 +95,7 @@ class Turn:
         self.plain = self.out.no_color or self.out.color_system is None
 
     def run(self, ids: list[int]) -> dict:
-        from ..generate import first_divergence, generate
+        from ..generation.decode import generate, generation_divergence
 
         kw = dict(max_new_tokens=self.max_new_tokens, sampling=self.sampling, threshold=self.threshold)
         original = None
@@ -107,7 +107,7 @@ class Turn:
             out = result.to_dict()
             if original is not None:
                 out["original"] = original.to_dict()
-                out["first_divergence"] = first_divergence(result, original)
+                out["first_divergence"] = generation_divergence(result, original)
             return out
 
         if self.compare:
@@ -118,7 +118,7 @@ class Turn:
         if self.show_layers:
             self.summary(result, "flexi" if self.compare else None)
         if original is not None:
-            div = first_divergence(result, original)
+            div = generation_divergence(result, original)
             self.out.print("\n[bold]original[/bold] (every layer):")
             replay = Streamer(self, result)
             for tok in original.tokens:
@@ -133,7 +133,7 @@ class Turn:
     def summary(self, result, label, legend: bool = True) -> None:
         from rich.text import Text
 
-        from ..generate import depth_colour, layer_range
+        from ..generation.decode import depth_colour, layer_range
 
         fewest, most = layer_range(self.lm)
         if legend and not self.plain:
@@ -152,7 +152,7 @@ class Streamer:
     compared with) it puts a mark before the first token where the two differ."""
 
     def __init__(self, turn: Turn, other=None):
-        from ..generate import layer_range
+        from ..generation.decode import layer_range
 
         self.turn, self.other = turn, other
         self.fewest, self.most = layer_range(turn.lm)
@@ -161,7 +161,7 @@ class Streamer:
     def token(self, tok) -> None:
         from rich.text import Text
 
-        from ..generate import depth_colour
+        from ..generation.decode import depth_colour
 
         out, i = self.turn.out, self.index
         self.index += 1

@@ -1,5 +1,6 @@
 import click
 
+from ..core import DEFAULT_DIR
 from .common import device_options, emit_json, json_option, stderr_console
 
 
@@ -8,7 +9,7 @@ from .common import device_options, emit_json, json_option, stderr_console
                "`router`/`router_proj` tensors). The result uses their computation (FFN scaled by w or 1-w, "
                "threshold 0.5) and works with generate, eval, patterns, export and push.")
 @click.argument("source")
-@click.option("-o", "--output", default="flexi-model", show_default=True, help="Checkpoint folder to write.")
+@click.option("-o", "--output", default=DEFAULT_DIR, show_default=True, help="Checkpoint folder to write.")
 @click.option("--base", default=None, help="The model it was trained from, when SOURCE's own config is not a "
               "stock transformers model (its base weights are checked to be the same).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
@@ -16,7 +17,7 @@ from .common import device_options, emit_json, json_option, stderr_console
 @json_option
 def command(source, output, base, force, device, dtype, as_json):
     from ..convert import summary
-    from ..interop import import_flexidepth
+    from ..sharing.flexidepth_import import import_flexidepth
 
     with stderr_console().status(f"importing {source}..."):
         fm = import_flexidepth(source, output, base=base, dtype=dtype, device=device, overwrite=force)

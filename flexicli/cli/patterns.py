@@ -29,17 +29,15 @@ from .common import device_options, emit_json, json_option, model_option, stderr
 @json_option
 def command(model_dir, base, output, prompts_file, categories, per_category, max_new_tokens, threshold, raw, force,
             device, dtype, as_json):
-    from pathlib import Path
-
-    from ..errors import BadInput, CheckpointError
-    from ..generate import check_threshold, open_model
-    from ..patterns import analyse, builtin_prompts, collect, read_prompts, unit_args, write_outputs
+    from ..core.checkpoint import refuse_existing
+    from ..core.errors import BadInput
+    from ..generation.decode import check_threshold, open_model
+    from ..generation.patterns import analyse, builtin_prompts, collect, read_prompts, unit_args, write_outputs
 
     check_threshold(threshold)
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
-    if Path(output).exists() and not force:  # before the slow part; write_outputs checks again
-        raise CheckpointError(f"{output} already exists", "choose another -o/--output or pass --force")
+    refuse_existing(output, force)  # before the slow part; write_outputs checks again
     if prompts_file and (categories or per_category):
         raise BadInput("--prompts replaces the built-in categories", "drop --categories/--per-category")
     prompts = read_prompts(prompts_file) if prompts_file else builtin_prompts(

@@ -1,6 +1,6 @@
 import click
 
-from .common import emit_json, json_option, model_option, stderr_console
+from .common import emit_json, json_option, model_option, run_with_progress, stderr_console
 
 
 @click.command("push", help="Push a checkpoint (or an exported folder) and its model card to the Hub, in one "
@@ -21,7 +21,7 @@ from .common import emit_json, json_option, model_option, stderr_console
               "(default: cuda if available).")
 @json_option
 def command(model_dir, repo_id, private, dry_run, force, device, as_json):
-    from ..push import plan_push, push
+    from ..sharing.push import plan_push, push
 
     if dry_run:
         plan = plan_push(model_dir, repo_id)
@@ -32,10 +32,9 @@ def command(model_dir, repo_id, private, dry_run, force, device, as_json):
         for note in plan.notes + _dry_run_notes(plan):
             click.echo(f"note: {note}", err=True)
         return
-    from .eval import _run_with_progress
 
     # the check's progress bars (if it runs) and the upload's, on stderr, as `flexi eval` shows them
-    result = _run_with_progress(stderr_console(), lambda progress: push(
+    result = run_with_progress(stderr_console(), lambda progress: push(
         model_dir, repo_id, private=private, force=force, progress=progress, check_options={"device": device}),
         transient_stages=("upload",))
     if as_json:

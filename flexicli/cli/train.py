@@ -1,6 +1,6 @@
 import click
 
-from .common import emit_json, json_option, model_option, stderr_console
+from .common import emit_json, json_option, model_option, run_with_progress, stderr_console
 
 # Flags that map one to one onto TrainConfig fields; given flags override the recipe/config file.
 _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", "objective", "alpha", "eval_every",
@@ -34,10 +34,12 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--device", default=None)
 @json_option
 def command(model_dir, skip_target, resume, recipe, config_file, device, as_json, **flags):
-    from .. import distributed
-    from ..errors import BadInput
-    from ..model import FlexiModel
-    from ..train import TRAIN_STATE, TrainConfig, load_recipe, train
+    from ..train import distributed
+    from ..core.errors import BadInput
+    from ..core.flexi_model import FlexiModel
+    from ..train.resume import TRAIN_STATE
+    from ..train.config import TrainConfig, load_recipe
+    from ..train.loop import train
 
     if recipe and config_file:
         raise BadInput("pass --recipe or --config, not both")
@@ -59,7 +61,11 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     if resume and fresh and "skip_target" not in given:  # train() starts it from step 0: the target must be given
         raise BadInput("--skip-target is required: no step of a run was saved here yet, so there are no settings "
                        "to resume", "e.g. flexi train --skip-target 4 --resume")
-    summary = train(fm, cfg, resume=resume, log=lambda m: console.print(m))
+    log = lambda m: console.print(m)  # noqa: E731
+    if dist.is_main:
+        summary = run_with_progress(console, lambda progress: train(fm, cfg, resume=resume, progress=progress, log=log))
+    else:  # distributed: rank 0 reports
+        summary = train(fm, cfg, resume=resume, log=log)
     if not dist.is_main:  # distributed: rank 0 reports
         return
     if as_json:

@@ -1,0 +1,203 @@
+"""Training and held-out data, offline by default.
+
+Built in: `flexicli/data/prompts.jsonl`, 415 user prompts (every 10th held out), and the documentation of installed
+packages. The sources:
+  - "selfgen" (default): each prompt plus the original model's own greedy answer, through the chat template.
+    Generated once per base model (by its fingerprint) and cached in $FLEXI_CACHE/selfgen/.
+  - "prompts": the chat-templated prompts alone.
+  - "docs": documentation that ships with installed packages flexicli depends on (docstrings of torch, transformers,
+    numpy, ...), read offline, in a fixed order: technical prose and code of another kind than the conversations.
+  - "mix": selfgen and docs together.
+Or `--data PATH` (.jsonl with `messages`, `text` or `input_ids` per line, or .txt: paragraphs split by blank lines),
+or a Hub dataset id when online. `input_ids` rows are token ids packed as they are (no EOS added between rows): the
+way to train a model that has no tokenizer. Held-out data is always the held-out prompts with the original model's
+answers, so runs with different training data are compared on the same text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..core.errors import BadInput
+from .tokens import pad_id
+
+PROMPTS_FILE = Path(__file__).parent / "prompts.jsonl"
+
+
+def builtin_prompts(split: str) -> list[str]:
+    rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
+    return [r["prompt"] for r in rows if r["split"] == split]
+
+
+def heldout_prompts(n: int | None = None) -> list[str]:
+    return builtin_prompts("heldout")[:n]
+
+
+def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return "\n\n".join(m["content"] for m in messages) + ("\n\n" if add_generation_prompt else "")
+
+
+def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 96, batch_size: int = 32,
+                    progress=None) -> list[str]:
+    """The original model's greedy answers (routing off), cached by base fingerprint, prompts and length."""
+    from ..core.base_model import cache_dir
+
+    key = hashlib.sha256(json.dumps([fm.config.base_fingerprint, prompts, max_new_tokens]).encode()).hexdigest()[:16]
+    path = cache_dir() / "selfgen" / f"{key}.jsonl"
+    if path.is_file():
+        return [json.loads(line)["answer"] for line in path.read_text().splitlines()]
+    tok = fm.tokenizer
+    if tok is None:
+        raise BadInput("this base model has no tokenizer: pass --data with token text, or a model with a tokenizer")
+    side, tok.padding_side = tok.padding_side, "left"
+    pad = pad_id(fm.model, tok)
+    answers = []
+    device = next(fm.model.parameters()).device
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [chat_text(tok, [{"role": "user", "content": p}], add_generation_prompt=True)
+                     for p in prompts[i:i + batch_size]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad(), fm.routing("full"):
+                out = fm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            if progress:
+                progress(len(answers), len(prompts))
+    finally:
+        tok.padding_side = side
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks of one distributed run may write it together
+    tmp.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
+    tmp.replace(path)
+    return answers
+
+
+def conversations(fm, prompts: list[str], answers: list[str] | None) -> list[str]:
+    if answers is None:
+        return [chat_text(fm.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    return [chat_text(fm.tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": a}])
+            for p, a in zip(prompts, answers)]
+
+
+# Third-party packages flexicli installs (never the standard library: held-out text of that kind judges the
+# budget and quality on text not trained on). Their versions are pinned by the lock, so the corpus is reproducible.
+DOC_PACKAGES = ("transformers", "torch", "numpy", "huggingface_hub", "accelerate", "click", "rich", "safetensors",
+                "yaml", "gguf", "networkx", "sympy", "jinja2", "tokenizers")
+
+
+def package_docs(max_chars: int = 1_500_000, min_chars: int = 200) -> list[str]:
+    """Docstrings of at least `min_chars` from DOC_PACKAGES (those installed), files in sorted order, at most
+    max_chars / len(packages) characters from each package (so no single package dominates), read with `ast`."""
+    import ast
+    import importlib.util
+
+    texts, per_package = [], max_chars // len(DOC_PACKAGES)
+    for name in DOC_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        got = 0
+        for root in spec.submodule_search_locations:
+            for f in sorted(Path(root).rglob("*.py")):
+                try:
+                    tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
+                except (SyntaxError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc and len(doc) >= min_chars:
+                            texts.append(doc)
+                            got += len(doc)
+                if got >= per_package:
+                    break
+            if got >= per_package:
+                break
+    return texts
+
+
+def heldout_texts(fm, n: int | None = None, progress=None) -> list[str]:
+    prompts = heldout_prompts(n)
+    return conversations(fm, prompts, teacher_answers(fm, prompts, progress=progress))
+
+
+def read_data(path: str, tokenizer) -> list[str | list[int]]:
+    """Texts from a local .jsonl (`messages` through the chat template, or `text`) or .txt file, or a Hub dataset;
+    a .jsonl row of `input_ids` gives its token ids as a list instead (pack takes them as they are)."""
+    p = Path(path).expanduser()
+    if p.suffix == ".txt" and p.is_file():
+        return [t.strip() for t in p.read_text().split("\n\n") if t.strip()]
+    if p.suffix == ".jsonl" and p.is_file():
+        texts = []
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise BadInput(f"{path}:{i} is not valid JSON") from None
+            if "messages" in row:
+                texts.append(chat_text(tokenizer, row["messages"]))
+            elif "text" in row:
+                texts.append(row["text"])
+            elif "input_ids" in row:
+                ids = row["input_ids"]
+                if not (isinstance(ids, list) and all(type(t) is int and t >= 0 for t in ids)):
+                    raise BadInput(f"{path}:{i}: input_ids must be a list of token ids (integers >= 0)")
+                texts.append(ids)
+            else:
+                raise BadInput(f"{path}:{i} has none of 'messages', 'text', 'input_ids'")
+        return texts
+    if p.exists():
+        raise BadInput(f"unsupported data file {path}", "use .jsonl (messages, text or input_ids per line) or .txt")
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        return _hub_dataset(path, tokenizer)
+    raise BadInput(f"no such data file: {path}")
+
+
+def _hub_dataset(dataset_id: str, tokenizer, limit: int = 20000) -> list[str]:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise BadInput("reading a Hub dataset needs the `datasets` package", "pip install datasets, "
+                       "or pass a local .jsonl/.txt file") from None
+    try:
+        ds = load_dataset(dataset_id, split="train", streaming=True)
+    except Exception as e:  # noqa: BLE001 - offline or a missing dataset
+        raise BadInput(f"could not load dataset {dataset_id!r} ({type(e).__name__})") from e
+    texts = []
+    for row in ds:
+        if "messages" in row:
+            texts.append(chat_text(tokenizer, row["messages"]))
+        elif "text" in row:
+            texts.append(row["text"])
+        if len(texts) >= limit:
+            break
+    return texts
+
+
+def pack(tokenizer, texts: list[str | list[int]], seq_len: int) -> torch.Tensor:
+    """Concatenate tokenised texts (each ended by EOS) and cut into [n, seq_len] rows; the tail is dropped. Items
+    that are already token ids (lists, from `input_ids` rows) go in as they are; only they need no tokenizer."""
+    ids: list[int] = []
+    for t in texts:
+        if isinstance(t, list):
+            ids += t
+            continue
+        if tokenizer is None:
+            raise BadInput("this model has no tokenizer, so text data cannot be tokenised",
+                           'pass --data FILE.jsonl with token ids: {"input_ids": [...]} per line')
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise BadInput(f"not enough text for one sequence of {seq_len} tokens ({len(ids)} tokens)",
+                       "pass more data or a smaller --seq-len")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)

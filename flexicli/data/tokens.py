@@ -1,0 +1,55 @@
+"""Text -> token ids, and the special ids decoding needs: one home for what eval, train and generate all do.
+
+A prompt goes through the chat template when the tokenizer has one (as the user's message, with the assistant's
+turn opened); plain text gets the tokenizer's special tokens unless it already starts with BOS; token ids pass
+through as they are (a model without a tokenizer is driven by ids)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.errors import BadInput
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation through the chat template, the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInput("the tokenizer has no chat template", "pass a PROMPT with --raw")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def prompt_ids(tokenizer, item, chat: bool | None = None) -> list[int]:
+    """`item` as token ids: a str as the user's message through the chat template (chat=True, or chat=None and the
+    tokenizer has a template) or as plain text to continue (chat=False, or no template); ids as they are."""
+    if not isinstance(item, str):
+        return [int(t) for t in (item.tolist() if torch.is_tensor(item) else item)]
+    if tokenizer is None:
+        raise BadInput("this model has no tokenizer, so it cannot read text", "pass token ids from Python")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if (chat is None and has_template) or (chat and has_template):
+        return chat_ids(tokenizer, [{"role": "user", "content": item}])
+    # chat-templated text already carries the BOS token (if the model uses one); plain text gets it here
+    has_bos = bool(getattr(tokenizer, "bos_token", None)) and item.startswith(tokenizer.bos_token)
+    return list(tokenizer(item, add_special_tokens=not has_bos)["input_ids"])
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """Every id that ends generation: the eos ids of the tokenizer, the generation config and the model config."""
+    ids = set()
+    for source in (tokenizer, getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids
+
+
+def pad_id(model, tokenizer) -> int:
+    """The id that pads batched prompts (left) and finished rows: pad, else eos, else the config's, else 0."""
+    for pad in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                getattr(model.config, "pad_token_id", None)):
+        if isinstance(pad, int):
+            return pad
+    return 0

@@ -1,0 +1,107 @@
+"""What a training run is: TrainConfig (every knob, with the measured reason for its default) and the recipes
+that ship inside the package (flexicli/train/recipes/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ..core.errors import BadInput
+from .budget import BUDGETS
+
+
+@dataclass
+class TrainConfig:
+    skip_target: float
+    steps: int = 180  # with the other defaults, convert + train of SmolLM2-135M fit in 60 min on 2 CPU cores (README)
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-3  # adapters; routers get lr * router_lr_scale
+    router_lr_scale: float = 0.15  # a router's decision is a cliff: small steps keep tokens from flipping en masse
+    margin_weight: float | None = None  # > 0: push gates off the threshold (objectives.gate_margin); None: see `margin`
+    warmup: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    seed: int = 0
+    data: str = "mix"  # mix (selfgen + docs) | selfgen | prompts | docs | PATH (.jsonl/.txt) | Hub dataset id
+    objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
+    alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
+    budget: str = "penalty"  # penalty: PI-controlled Lagrange term | capacity: per-unit shares (budget.BudgetCapacity) | threshold: quantile
+    #                          | density: per-unit target density (budget.BudgetDensity)
+    router_init: str = "influence"  # influence: fit the routers to token-level unit influence first (router_init.py) | none: fresh routers
+    adapter_init: str = "fit"  # fit: fitted to the update it replaces before step 0 (adapter_init.py) | none: fresh adapters (add nothing)
+    penalty_start: str = "balance"  # penalty budget with warm-started routers: balance: lambda starts where the losses balance (loop.penalty_balance) | zero
+    ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
+    eval_every: int = 60
+    eval_rows: int = 8
+    save_every: int = 60
+    gradient_checkpointing: bool = True  # measured: peak RSS 1.12x the frozen model's, against 1.60x without (README)
+    calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
+    selfgen_tokens: int = 96
+    docs_chars: int = 1_500_000  # data docs/mix: characters of package documentation (~4 per token)
+    cache_teacher: bool = True  # keep teacher hidden states per row (if under CACHE_LIMIT): about half the work per step
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadInput(f"unknown training settings {unknown}", f"known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def check(self, num_routed: float | None = None) -> None:
+        """`num_routed` None: only what can be checked before the model is loaded (the CLI checks flags early); else
+        the most layer-equivalents a token can skip (FlexiModel.capacity: the routed layers, for `layer`)."""
+        if self.skip_target < 0:
+            raise BadInput(f"--skip-target {self.skip_target} is negative", "it is a count of layers to skip")
+        if num_routed is not None and self.skip_target > num_routed + 1e-9:
+            what = "the routed layers" if float(num_routed).is_integer() else \
+                "layer-equivalents: the routed units' share of their layers' parameters"
+            raise BadInput(f"--skip-target {self.skip_target} is outside 0..{num_routed:g} ({what})")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
+        if self.objective not in ("kl", "lm"):
+            raise BadInput(f"objective must be 'kl' or 'lm', not {self.objective!r}")
+        if self.budget not in BUDGETS:
+            raise BadInput(f"budget must be one of {sorted(BUDGETS)}, not {self.budget!r}")
+        if self.router_init not in ("influence", "none"):
+            raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
+        if self.penalty_start not in ("balance", "zero"):
+            raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
+        if self.adapter_init not in ("fit", "none"):
+            raise BadInput(f"adapter_init must be 'fit' or 'none', not {self.adapter_init!r}")
+
+    @property
+    def margin(self) -> float:
+        """The margin weight in effect. Under per-layer capacities the margin is what makes the one inference
+        threshold reproduce the trained decisions (objectives.gate_margin): 0.05. With warm-started routers under the
+        penalty, 0.03 keeps the gates from bunching at the threshold (measured: README, Training). With fresh
+        routers it stays off: there it made whole routers cross the threshold at once."""
+        if self.margin_weight is not None:
+            return self.margin_weight
+        if self.budget == "capacity":
+            return 0.05
+        return 0.03 if self.warm_start and self.budget == "penalty" else 0.0
+
+    @property
+    def warm_start(self) -> bool:
+        """Routers are fitted before training (distillation only: FlexiDepth's objective starts from scratch)."""
+        return self.router_init == "influence" and self.objective == "kl"
+
+
+def recipes_dir() -> Path:
+    return Path(__file__).resolve().parent / "recipes"  # inside the package: an installed wheel has them too
+
+
+def load_recipe(name_or_file: str) -> dict:
+    import yaml
+
+    path = Path(name_or_file)
+    if not path.is_file():
+        path = recipes_dir() / f"{name_or_file}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+        raise BadInput(f"no recipe or config file {name_or_file!r}", f"recipes: {', '.join(known)}")
+    data = yaml.safe_load(path.read_text()) or {}
+    return data.get("train", data)

@@ -1,0 +1,451 @@
+"""train: distil the routed model against the original model (routing off) under a layer budget.
+
+    flexi train --skip-target 4                    # embedded SmolLM2 checkpoint in ./flexi-model
+    flexi train --recipe smollm2-135m-cpu --skip-target 8
+
+Top to bottom: setup (model, data, optimiser, budget, resume) -> loop -> held-out evaluation -> save.
+Only router and adapter parameters train; the teacher is the same model with routing off, so no second copy of the
+weights is held. Checkpoints are written atomically; a resumed run sees the same data order as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from ..core.checkpoint import kill_point
+from ..core.errors import BadInput
+from ..core.flexi_model import decoder_of
+from ..core.routed_layer import threshold_logit
+from .budget import BUDGETS
+from .objectives import distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn, unit_density
+from .calibration import calibrate_threshold
+from .config import TrainConfig
+from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
+from .teacher import cache_bytes
+
+CACHE_LIMIT = 4 * 2**30  # teacher cache bytes; memory is only touched for rows a run reaches (TeacherCache lazy)
+
+
+
+
+
+
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
+    from ..data import text
+
+    prompts = text.builtin_prompts("train")
+    if cfg.data in ("selfgen", "mix"):
+        texts = text.conversations(fm, prompts, text.teacher_answers(fm, prompts, cfg.selfgen_tokens,
+                                                                     progress=progress))
+        if cfg.data == "mix":  # packed apart (no row straddles the two), the conversations repeated until they
+            chat = text.pack(fm.tokenizer, texts, cfg.seq_len)  # are about half the rows: the held-out text and
+            docs = text.pack(fm.tokenizer, text.package_docs(cfg.docs_chars), cfg.seq_len)  # the chat template stay
+            return torch.cat([chat.repeat(max(1, round(docs.shape[0] / chat.shape[0])), 1), docs])  # well covered
+    elif cfg.data == "docs":
+        texts = text.package_docs(cfg.docs_chars)
+    elif cfg.data == "prompts":
+        texts = text.conversations(fm, prompts, None)
+    else:
+        texts = text.read_data(cfg.data, fm.tokenizer)
+    rows = text.pack(fm.tokenizer, texts, cfg.seq_len)
+    vocab = fm.model.get_input_embeddings().num_embeddings
+    if rows.max().item() >= vocab:  # token-id data (input_ids rows): an embedding lookup would fail mid-run
+        raise BadInput(f"--data {cfg.data} has token id {rows.max().item()}, outside the model's vocabulary ({vocab})")
+    return rows
+
+
+def heldout_rows(fm, seq_len: int, progress=None) -> torch.Tensor | None:
+    """The held-out prompts with the original model's answers; None for a model without a tokenizer (trained from
+    token ids): no held-out text can be made for it, so the run has no held-out evaluation or calibration."""
+    from ..data import text
+
+    if fm.tokenizer is None:
+        return None
+    return text.pack(fm.tokenizer, text.heldout_texts(fm, progress=progress), seq_len)
+
+
+def batch_indices(n: int, seed: int, index: int, batch_size: int) -> torch.Tensor:
+    """Rows of micro-batch number `index`: a pure function of (seed, index), so resuming replays the same order."""
+    picks = []
+    for k in range(index * batch_size, (index + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        picks.append(perm[pos].item())
+    return torch.tensor(picks)
+
+
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ---- one step -----------------------------------------------------------------------------------------------
+def release_freed_memory() -> None:
+    """Have glibc serve blocks over 64 KiB with mmap, so that memory a step frees goes back to the system. By
+    default its mmap threshold grows with every large block freed (up to 32 MiB), after which a step's activations
+    and loss chunks are carved from the heap and stay in the process when freed: measured on SmolLM2 at batch
+    4 x 256 (benchmarks/train_memory.py), +0.6 GB of peak RSS that no live tensor accounted for."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; a fixed value also stops the growth
+    except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+        pass
+
+
+
+
+def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
+    """The student's forward of one micro-batch and its loss terms (no backward). Sets fm.state.capacity, which the
+    caller clears after backward: gradient checkpointing recomputes each layer there and must take the same
+    decisions."""
+    from .teacher import start_at_first_routed
+
+    decoder = decoder_of(fm.model)
+    device = next(fm.model.parameters()).device
+    batch = batch.to(device)
+    if cached is not None:
+        prefix_h, teacher_h = cached
+    elif cfg.objective == "kl":
+        with torch.no_grad(), fm.routing("full"):
+            teacher_h = decoder(input_ids=batch).last_hidden_state
+    fm.state.gates = []
+    shares = budget.capacity(target) if cfg.objective == "kl" else None
+    fm.state.capacity = dict(zip(fm.unit_keys, shares)) if shares is not None else None
+    try:
+        with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
+            student_h = decoder(input_ids=batch).last_hidden_state
+        skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
+        density = unit_density(fm.state.gates) if budget.kind == "density" else None
+        logits = gate_logits(fm.state.gates)
+        margin = gate_margin(fm.state.gates, budget.logit).mean() if cfg.margin else 0.0
+    except BaseException:
+        fm.state.capacity = None
+        raise
+    finally:
+        fm.state.gates = None
+    if cfg.objective == "kl":
+        main, agree = distill_loss(student_h, teacher_h, head)
+        extra = budget.loss(target, skipped_st, density) + cfg.margin * margin
+    else:
+        main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
+        extra = cfg.alpha * gate_sum.pow(2).mean()
+    return {"main": main, "agree": agree, "extra": extra, "skipped_st": skipped_st, "layer_skip": layer_skip,
+            "logits": logits}
+
+
+def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
+    """One micro-batch: forward, loss, backward. `cached`: (hidden entering the first routed layer, teacher's final
+    hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed."""
+    try:
+        f = _forward(fm, batch, cfg, head, target, budget, cached)
+        ((f["main"] + f["extra"]) / cfg.grad_accum).backward()
+    finally:
+        fm.state.capacity = None
+    return {"loss": f["main"].item(), "agree": f["agree"].item(), "skipped": f["skipped_st"].mean().item(),
+            "layer_skip": f["layer_skip"].detach().cpu(), "logits": f["logits"]}
+
+
+def penalty_balance(fm, batches: list, cfg: TrainConfig, head, target: float, budget, routers: list,
+                    cached: list | None = None) -> float:
+    """The Lagrange multiplier at which, on these micro-batches, the distillation loss's pull on the routers and the
+    budget term's push cancel along the skipped count: the penalty's starting point for warm-started routers.
+
+    Started at 0 instead, the PI rule needs ~20 steps to find it while the distillation loss alone pulls the routers
+    towards running everything: measured on SmolLM2 (N = 4, runs/final7), the count fell from 4 to 1.7 by step 15,
+    then overshot to 5.5 at step 28, and the loss took ~30 more steps to recover. The routers move by Adam, whose
+    first steps go along g / rms(g) per parameter, so the balance is where that direction leaves the count
+    unchanged: sum_i dS/dθ_i * m_i(lam) / rms_i(lam) = 0, with m and rms over the micro-batches of
+    g_main - lam * g_S (the budget term is lam * (target - S)). That sum falls as lam grows; bisection finds it."""
+    g_main, g_s = [], []
+    for i, batch in enumerate(batches):
+        try:
+            f = _forward(fm, batch, cfg, head, target, budget, cached[i] if cached else None)
+            # main + extra: everything but the budget term, which is 0 here (lam = 0 before the first step)
+            gm = torch.autograd.grad(f["main"] + f["extra"], routers, retain_graph=True, allow_unused=True)
+            gs = torch.autograd.grad(f["skipped_st"].mean(), routers, allow_unused=True)
+        finally:
+            fm.state.capacity = None
+        flat = lambda gs_: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()  # noqa: E731
+                                      for g, p in zip(gs_, routers)])
+        g_main.append(flat(gm))
+        g_s.append(flat(gs))
+    g_main, g_s = torch.stack(g_main), torch.stack(g_s)  # [batches, params]
+    ds = g_s.mean(0)
+
+    def drift(lam: float) -> float:  # first-order change of the count along Adam's direction (times -1/lr)
+        g = g_main - lam * g_s
+        return float((ds * g.mean(0) / (g.pow(2).mean(0).sqrt() + 1e-12)).sum())
+
+    lo, hi = -budget.limit, budget.limit
+    if drift(hi) > 0 or drift(lo) < 0:  # no balance within the anti-windup limit: start at the nearer end
+        return hi if drift(hi) > 0 else lo
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if drift(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+# ---- held-out evaluation (flexicli/evaluation/evaluate.py's metrics: one implementation for train and eval) -----------
+def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
+    """KL(original || routed), top-1 agreement, mean skipped layers and per-layer skip rate on held-out rows."""
+    from ..evaluation.evaluate import compare_teacher_forced
+
+    return compare_teacher_forced(fm, rows.tolist(), {"mode": "routed"}, batch_size)
+
+
+
+
+
+
+def greedy_agreement(fm, prompts: list[str], new_tokens: int = 32) -> dict:
+    """Share of held-out prompts whose greedy continuation is identical, and mean first-divergence position."""
+    from ..data.tokens import prompt_ids
+    from ..evaluation.evaluate import compare_greedy
+
+    return compare_greedy(fm, [prompt_ids(fm.tokenizer, p, chat=True) for p in prompts], new_tokens, {"mode": "routed"}, 8)
+
+
+
+
+
+
+
+
+# ---- the whole run ------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What setup hands the steps: the run's config (a resumed run's own), optimiser, budget and data."""
+    cfg: TrainConfig
+    dist: object
+    device: torch.device
+    head: object
+    params: list
+    routers: list
+    opt: torch.optim.Optimizer
+    budget: object
+    start: int
+    rows: torch.Tensor | None = None
+    heldout: torch.Tensor | None = None
+    cache: object = None
+    warm: bool = False
+
+
+def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False, rows: torch.Tensor | None = None,
+          heldout: torch.Tensor | None = None, stop_after: int | None = None, progress=None, log=print) -> dict:
+    """Train `fm` in place; returns the summary (held-out metrics, the fits before step 0).
+
+    `rows`/`heldout` ([n, seq_len] token ids) override the text data (tests, tiny models). `stop_after` ends the run
+    after that many steps as if it were killed there (tests of --resume). `progress(stage, done, total, info)`, if
+    given, hears each stage ("data", "routers", "adapters", "train"); `log(message)` gets one line per event."""
+    cfg.check(fm.capacity)
+    folder = Path(folder) if folder else fm.path
+    dist = distributed.current()  # flexicli/train/distributed.py; a no-op for one process
+    if not dist.is_main:  # distributed: rank 0 reports
+        log, progress = (lambda m: None), None
+    run = _setup(fm, cfg, folder, resume, dist, log)
+    _data(fm, run, rows, heldout, progress, log)
+    _before_step_0(fm, run, progress, log)
+    stopped_at = _steps(fm, run, folder, stop_after, progress)
+    return {"stopped_at": stopped_at} if stopped_at is not None else _finish(fm, run, folder)
+
+
+def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -> _Run:
+    """The model made trainable (shard/move it when distributed), the optimiser, the budget, and a resumed run's
+    state."""
+    dist.check_batch(cfg.batch_size)
+    distributed.prepare(fm, dist)
+    torch.manual_seed(cfg.seed)
+    release_freed_memory()
+    params = fm.trainable_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    routers = [p for layer in fm.layers for r in layer.routers.values() for p in r.parameters()]
+    adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
+    opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
+                            lr=cfg.lr, weight_decay=0.0)
+    start, budget_state = 0, None
+    if resume:
+        if folder is None:
+            raise BadInput("nothing to resume: no checkpoint folder", "start without --resume")
+        if (folder / TRAIN_STATE).is_file():
+            start, saved_cfg, budget_state = load_training(folder, opt)
+            cfg = TrainConfig.from_dict({**saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
+            log(f"resuming at step {start} of {cfg.steps}")
+        elif (fm.config.training or {}).get("steps_done"):  # trained, but its training state is gone
+            raise BadInput(f"nothing to resume in {folder}: it was trained but has no {TRAIN_STATE}",
+                           "start without --resume to train it further from step 0")
+        else:
+            # Never saved by a run (a run killed before its first save leaves the folder as it was): the same start
+            # as without --resume, so "rerun with --resume until done" also covers a kill before the first save.
+            log(f"no {TRAIN_STATE} in {folder} (no step saved yet): starting from step 0")
+        if dist.is_main:
+            trim_metrics(folder / METRICS, start)
+    # kl: the budget (flexicli/train/budget.py) keeps the mean skipped count at the target; lm (FlexiDepth): the
+    # threshold stays where it is and their penalty alpha * (sum of gates)^2 sets the count
+    budget = BUDGETS[cfg.budget](fm.capacity, logit=threshold_logit(fm.state.threshold), costs=fm.unit_costs)
+    if budget_state is not None:
+        budget.load(budget_state)
+        if cfg.objective == "kl":
+            fm.set_threshold(budget.threshold)
+    fm.state.checkpointing = cfg.gradient_checkpointing
+    return _Run(cfg=cfg, dist=dist, device=next(fm.model.parameters()).device, head=logits_fn(fm.model),
+                params=params, routers=routers, opt=opt, budget=budget, start=start,
+                warm=cfg.warm_start and dist.world_size == 1)  # distributed: no warm start yet (fresh routers)
+
+
+def _data(fm, run: _Run, rows, heldout, progress, log) -> None:
+    """Training and held-out rows (the built-in data unless given), and the teacher cache over them."""
+    cfg, dist = run.cfg, run.dist
+    if rows is None:
+        log("preparing data (the original model answers the built-in prompts once; cached afterwards)")
+        answers = (lambda done, total: progress("data", done, total, "answers")) if progress else None
+        with dist.main_first():  # distributed: rank 0 fills the data cache, the others then read it
+            rows = training_rows(fm, cfg, progress=answers)
+            heldout = heldout_rows(fm, cfg.seq_len, progress=answers)
+    log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} "
+        "held-out rows" + (" (no tokenizer: no held-out evaluation or calibration)" if fm.tokenizer is None else ""))
+    run.rows, run.heldout = rows, heldout
+    if cfg.cache_teacher and dist.world_size == 1 and cache_bytes(fm, rows) < CACHE_LIMIT:
+        from .teacher import TeacherCache
+
+        run.cache = TeacherCache(fm, rows, lazy=True)  # filled as steps first reach each row
+
+
+def _before_step_0(fm, run: _Run, progress, log) -> None:
+    """A new run's starts: routers fitted to rank tokens by influence, adapters fitted to the update they replace,
+    the penalty's lambda at its balance. Their reports go into the checkpoint, so a resumed run reports them too."""
+    cfg, rows = run.cfg, run.rows
+    # what the fits are about (flexicli/core/units.py): routers rank by their unit's influence, and an adapter
+    # stands in for the whole layer (skip unit layer) or for the MLP (module, mlp)
+    unit_word = "layer" if fm.config.skip_unit == "layer" else "sublayer"
+    replaced = "layer's" if fm.config.skip_unit == "layer" else "MLP's"
+    stage = lambda name: (lambda done, total: progress(name, done, total, "")) if progress else None  # noqa: E731
+    if cfg.objective == "kl" and cfg.budget == "capacity" and not run.warm:
+        log("note: per-unit capacities with fresh routers pick tokens almost at random until the routers learn; "
+            "measured on SmolLM2: KL 3+ in the first 20 steps. --budget penalty suits fresh routers better"
+            + (" (the router warm start is single-process only)" if cfg.warm_start else ""))
+    if run.start > 0:
+        return
+    if fm.config.training:  # a new run: no fit reports of an earlier run carried over
+        fm.config.training = {k: v for k, v in fm.config.training.items()
+                              if k not in ("router_fit", "adapter_fit", "penalty_start")}
+    reports = {}
+    if run.warm:
+        from .router_init import warm_start_routers
+
+        reports["router_fit"] = warm_start_routers(fm, rows, cfg.skip_target, progress=stage("routers"))
+        fits = reports["router_fit"]["spearman_heldout"].values()
+        log(f"routers warm-started: rank correlation with {unit_word} influence {min(fits):.2f}..{max(fits):.2f} "
+            "(tokens not fitted on)")
+    if cfg.adapter_init == "fit":
+        from .adapter_init import fit_adapters
+
+        reports["adapter_fit"] = fit = fit_adapters(fm, rows, progress=stage("adapters"))
+        if fit["explained_heldout"]:
+            shares = fit["explained_heldout"].values()
+            log(f"adapters fitted: {min(shares):.2f}..{max(shares):.2f} of each {replaced} update reproduced "
+                "(tokens not fitted on)")
+        if fit["not_fitted"]:
+            log(f"adapters not fitted (their output passes through a norm): layers {fit['not_fitted']}")
+    budget = run.budget
+    if run.warm and cfg.objective == "kl" and budget.kind == "penalty" and cfg.penalty_start == "balance":
+        idx = [batch_indices(rows.shape[0], cfg.seed, m, cfg.batch_size) for m in range(4)]  # the first 4 micro-batches
+        budget.integral = budget.lam = reports["penalty_start"] = penalty_balance(
+            fm, [rows[i] for i in idx], cfg, run.head, cfg.skip_target, budget, run.routers,
+            cached=[run.cache.lookup(i, run.device) for i in idx] if run.cache else None)
+        log(f"budget penalty starts at lambda {budget.lam:.3f} (where the distillation loss and the budget balance)")
+    if reports:
+        fm.config.training = {**(fm.config.training or {}), **reports}
+
+
+def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress) -> int | None:
+    """The optimiser steps from run.start to the end; returns the step it stopped at if `stop_after` ended it."""
+    cfg, dist, budget, opt, rows = run.cfg, run.dist, run.budget, run.opt, run.rows
+    # fresh routers: the target ramps up from 0, so the adapters learn while few tokens skip
+    ramp_steps = (cfg.ramp if cfg.ramp is not None else 0.0 if run.warm else 0.3) * cfg.steps
+    metrics_path = folder / METRICS if folder else None
+    fm.model.train(False)  # no dropout: the student must see the teacher's exact computation
+    for step in range(run.start, cfg.steps):
+        t0 = time.perf_counter()
+        target = cfg.skip_target * min(1.0, (step + 1) / max(1, ramp_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg) * g["scale"]
+        stats = []
+        for m in range(cfg.grad_accum):  # distributed: this rank's share of the global micro-batch
+            idx = dist.shard(batch_indices(rows.shape[0], cfg.seed, step * cfg.grad_accum + m, cfg.batch_size))
+            stats.append(train_step(fm, rows[idx], cfg, run.head, target, budget,
+                                    cached=run.cache.lookup(idx, run.device) if run.cache else None))
+        dist.average_gradients(run.params)  # distributed: gradients and metrics over the global batch
+        stats = dist.global_stats(stats)
+        torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        skipped = sum(s["skipped"] for s in stats) / len(stats)
+        if cfg.objective == "kl":  # distributed: each micro-batch's logits over all ranks
+            budget.after_step(target, skipped, [dist.gather(s["logits"]) for s in stats])
+            fm.set_threshold(budget.threshold)
+        tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        rec = {"step": step + 1, "loss": sum(s["loss"] for s in stats) / len(stats),
+               "top1_agreement": sum(s["agree"] for s in stats) / len(stats), "mean_skipped_layers": skipped,
+               "target": target, "threshold": fm.state.threshold, **budget.log(), "lr": lr_at(step, cfg),
+               "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        if run.heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            rec["heldout"] = heldout_metrics(fm, run.heldout[: cfg.eval_rows])
+        if metrics_path and dist.is_main:  # distributed: rank 0 writes
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if progress:
+            progress("train", step + 1, cfg.steps,
+                     f"loss {rec['loss']:.4f}  skipped {skipped:.2f}  {rec['tokens_per_s']:.0f} tok/s")
+        kill_point("step")  # tests of crash safety (FLEXI_TEST_KILL_AT); nothing otherwise
+        done = step + 1
+        if folder and (done % cfg.save_every == 0 or done == cfg.steps or done == stop_after):
+            dist.on_main(save_training, fm, folder, cfg, done, opt, budget, None)  # others wait
+        if stop_after is not None and done >= stop_after:
+            return done
+    return None
+
+
+def _finish(fm, run: _Run, folder: Path | None) -> dict:
+    """Held-out metrics, the threshold calibrated to the target, greedy agreement; the final save."""
+    cfg = run.cfg
+    for p in run.params:
+        p.requires_grad_(False)
+    summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data, "budget": cfg.budget,
+               "router_init": cfg.router_init, "adapter_init": cfg.adapter_init}
+    if run.heldout is not None:
+        final = heldout_metrics(fm, run.heldout)
+        summary["trained_threshold_skipped"] = final["mean_skipped_layers"]
+        if cfg.calibrate and abs(final["mean_skipped_layers"] - cfg.skip_target) > 0.1:
+            fm.set_threshold(calibrate_threshold(fm, run.heldout, cfg.skip_target))
+            final = heldout_metrics(fm, run.heldout)
+        summary.update(final, threshold=fm.config.threshold)
+        if fm.tokenizer is not None:
+            from ..data.text import heldout_prompts
+
+            summary.update(greedy_agreement(fm, heldout_prompts(10)))
+    for key in ("router_fit", "adapter_fit", "penalty_start"):  # from before step 0, maybe an earlier process
+        if (fm.config.training or {}).get(key) is not None:
+            summary[key] = fm.config.training[key]
+    if folder:
+        run.dist.on_main(save_training, fm, folder, cfg, cfg.steps, run.opt, run.budget, summary)
+    return summary

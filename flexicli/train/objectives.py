@@ -1,0 +1,122 @@
+"""What training optimises: distillation against the original model (ours) or FlexiDepth's LM objective, and the
+statistics of the routers' gates that the budgets (flexicli/train/budget.py) and the margin work on."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# Full-vocabulary logits are the biggest tensors of a step (SmolLM2: 49152 floats a token, Llama-3: 128256), and
+# the loss holds about six of them per token at once: chunks of tokens keep each under this many bytes whatever the
+# vocabulary. (On SmolLM2 at batch 4 x 256 this measured the same peak RSS as the former fixed 512-token chunks.)
+CHUNK_BYTES = 32 * 2**20
+
+
+def logits_fn(model):
+    """hidden (after the final norm) -> logits, including Gemma-2's final soft-capping. `fn.chunk`: tokens per
+    loss chunk (CHUNK_BYTES of float32 logits)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def fn(h):
+        logits = head(h).float()
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    fn.chunk = max(16, CHUNK_BYTES // (4 * head.weight.shape[0]))
+    return fn
+
+
+def _kl_chunk(s_h, t_h, head):
+    s = F.log_softmax(head(s_h), dim=-1)
+    with torch.no_grad():
+        t = F.log_softmax(head(t_h), dim=-1)
+        agree = (s.argmax(-1) == t.argmax(-1)).sum()
+    return (t.exp() * (t - s)).sum(), agree
+
+
+def distill_loss(student_h, teacher_h, head, chunk: int | None = None):
+    """Mean KL(teacher || student) per token and the top-1 agreement, computed over token chunks with
+    checkpointing, so full-vocabulary logits of the whole batch never sit in memory at once."""
+    s, t = student_h.reshape(-1, student_h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1])
+    total, agree, chunk = 0.0, 0, chunk or getattr(head, "chunk", 512)
+    for i in range(0, s.shape[0], chunk):
+        if s.requires_grad:
+            kl, a = checkpoint(_kl_chunk, s[i:i + chunk], t[i:i + chunk], head, use_reentrant=False)
+        else:
+            kl, a = _kl_chunk(s[i:i + chunk], t[i:i + chunk], head)
+        total, agree = total + kl, agree + a
+    return total / s.shape[0], agree.float() / s.shape[0]
+
+
+def _ce_chunk(h, targets, head):
+    return F.cross_entropy(head(h), targets, reduction="sum")
+
+
+def lm_loss(student_h, input_ids, head, chunk: int | None = None):
+    """Next-token cross-entropy (FlexiDepth's objective), chunked like distill_loss."""
+    h = student_h[:, :-1].reshape(-1, student_h.shape[-1])
+    y = input_ids[:, 1:].reshape(-1)
+    total, chunk = 0.0, chunk or getattr(head, "chunk", 512)
+    for i in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_ce_chunk, h[i:i + chunk], y[i:i + chunk], head, use_reentrant=False)
+    return total / h.shape[0]
+
+
+def gate_stats(gates):
+    """From RoutingState.gates [(unit, w, run, cost)]: per token the straight-through count of skipped layers, in
+    layer-equivalents (each skipped unit counts its cost, flexicli/core/units.py; 1 per layer for skip unit `layer`;
+    forward value = hard count, gradient through w), the soft sum of gates, and the hard per-unit skip rates."""
+    w = torch.stack([g[1] for g in gates], dim=-1)  # [B, T, U]
+    run = torch.stack([g[2] for g in gates], dim=-1).to(w.dtype)
+    skipped = 1 - (run + w - w.detach())
+    costs = [g[3] if len(g) > 3 else 1.0 for g in gates]
+    if any(c != 1.0 for c in costs):
+        skipped = skipped * torch.tensor(costs, dtype=w.dtype, device=w.device)
+    return skipped.sum(-1), w.sum(-1), 1 - run.mean(dim=(0, 1))
+
+
+def unit_density(gates) -> torch.Tensor:
+    """[U]: each routed unit's share of tokens that run it, straight-through (forward value = the hard share,
+    gradient through w): what BudgetDensity pulls toward its target density."""
+    w = torch.stack([g[1] for g in gates], dim=-1)
+    run = torch.stack([g[2] for g in gates], dim=-1).to(w.dtype)
+    return (run + w - w.detach()).mean(dim=(0, 1))
+
+
+def gate_margin(gates, center: float, width: float = 1.0) -> torch.Tensor:
+    """Per token, summed over routed layers: how far a gate sits on the wrong side of `center +- width` (in logit
+    space) for its decision: a running token's logit should be above center + width, a skipping token's below
+    center - width. With threshold decisions (run iff logit > center) that is plain distance to the threshold.
+    Why: with straight-through decisions the threshold attracts gates (the budget pushes every gate down, the KL
+    pushes a gate back up only once its token skips), so they bunch there and a small shift flips many tokens at
+    once; and with per-layer capacities (decisions by rank) it makes the one threshold used at inference (`center`)
+    reproduce the decisions made in training."""
+    w = torch.stack([g[1] for g in gates], dim=-1).float()
+    side = torch.stack([g[2] for g in gates], dim=-1).float() * 2 - 1
+    return torch.relu(width - side * (torch.logit(w, eps=1e-6) - center)).sum(-1)
+
+
+def gate_logits(gates) -> torch.Tensor:
+    """The routers' logits of one forward, pooled over tokens and routed layers (for the budget threshold)."""
+    w = torch.stack([g[1].detach().float() for g in gates], dim=-1)
+    return torch.logit(w, eps=1e-7).flatten()
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+

@@ -1,0 +1,104 @@
+"""Warm-start the routers from what the original model does, before distillation begins.
+
+A fresh router gives every token almost the same gate (exact at birth), so when the budget first bites, all of a
+layer's tokens cross the threshold together and the skip count jumps back and forth. Here each router is first
+fitted to rank tokens by how much its unit (flexicli/core/units.py) changes them: the token-level Block Influence
+
+    influence(token, unit) = 1 - cos(h_before, h_after)     (the residual stream around the unit, original model)
+
+around the whole layer (skip unit `layer`), or around its attention or MLP sublayer (`module`, `mlp`: h_mid, the
+residual stream between them, is the attention's after and the MLP's before). Influence is pooled over all routed
+units (so units that change little get skipped more, tokens that change little get skipped more), each divided by
+the unit's cost in layer-equivalents: the budget counts layer-equivalents, so the cheapest skip is the one that
+changes the stream least per layer-equivalent saved (every cost is 1 for `layer`: plain influence). The fit target
+is a logit that puts at the threshold the pooled quantile below which units worth `skip_target` layer-equivalents
+per token lie: at step 0 the routed model already skips about that much, the cheapest units by this measure.
+Distillation then corrects the ranking; the budget keeps the count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .budget import unequal_costs, weighted_quantile
+from ..core.units import ROUTER_INPUT_NORM, unit_span
+
+
+def unit_influence(fm, rows: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Router inputs z per routed unit (FlexiModel.unit_keys order; [tokens, hidden] each) and influence [tokens,
+    routed units]."""
+    from .teacher import around_routed_layers
+
+    def grab(module, h_in, h_mid, h_out):
+        out = []
+        for unit in module.units:
+            before, after = unit_span(unit, h_in, h_mid, h_out)
+            norm = module._part(getattr(module.parts, ROUTER_INPUT_NORM[unit]))
+            out += [norm(before) if norm is not None else before,
+                    1 - nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)]
+        return out
+
+    got = around_routed_layers(fm, rows, grab, batch_size)
+    per_unit = [(got_layer[j], got_layer[j + 1]) for got_layer in got for j in range(0, len(got_layer), 2)]
+    return [z for z, _ in per_unit], torch.stack([s for _, s in per_unit], dim=-1)
+
+
+def target_logits(influence: torch.Tensor, skip_target: float, costs=None, spread: float = 1.0) -> torch.Tensor:
+    """Pooled rank of influence per layer-equivalent -> normal quantile, shifted so that the (token, unit) pairs
+    below 0 are worth skip_target layer-equivalents per token (a share skip_target / units of them when every unit
+    costs 1). costs: per unit (FlexiModel.unit_costs), None for all 1."""
+    cost = unequal_costs(costs)
+    score = influence if cost is None else influence / cost.to(influence.dtype)
+    flat = score.flatten()
+    u = (flat.argsort().argsort().float() + 0.5) / flat.numel()
+    if cost is None:
+        share = skip_target / influence.shape[1]
+    else:  # the pairs below the cost-weighted quantile: the cheapest ones, worth skip_target / capacity of the cost
+        tau = weighted_quantile(flat, cost, min(max(skip_target / float(cost.sum()), 0.0), 1.0))
+        share = float((flat < tau).float().mean())
+    normal = torch.distributions.Normal(0.0, 1.0)
+    share = min(max(share, 1e-3), 1 - 1e-3)
+    return (spread * (normal.icdf(u) - normal.icdf(torch.tensor(share)))).view_as(influence)
+
+
+def fit_router(router: nn.Module, z: torch.Tensor, target: torch.Tensor, steps: int = 150, lr: float = 2e-2) -> float:
+    """Least squares of the router's logit on `target`, fitted on 3/4 of the tokens; returns the Spearman
+    correlation on the other quarter (how well the fitted router ranks tokens it has not seen)."""
+    ref = next(router.parameters())
+    z, target = z.to(ref.device, ref.dtype), target.to(ref.device)
+    cut = z.shape[0] * 3 // 4
+    params = list(router.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            w = router(z[:cut]).clamp(1e-6, 1 - 1e-6)
+            loss = (torch.logit(w) - target[:cut]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for p, r in zip(params, was):
+        p.requires_grad_(r)
+    with torch.no_grad():
+        pred = router(z[cut:])
+    ranks = lambda x: x.argsort().argsort().float()  # noqa: E731
+    return float(torch.corrcoef(torch.stack([ranks(pred.cpu()), ranks(target[cut:].cpu())]))[0, 1])
+
+
+def warm_start_routers(fm, rows: torch.Tensor, skip_target: float, max_tokens: int = 4096, progress=None) -> dict:
+    """Fit every routed unit's router as described above on about `max_tokens` tokens of training rows. Returns
+    per unit (keys as FlexiModel.unit_labels: '17', '17.attn') held-out fit quality (Spearman) and the skip rates the
+    targets ask for."""
+    zs, influence = unit_influence(fm, rows[:max(1, max_tokens // rows.shape[1])])
+    targets = target_logits(influence, skip_target, fm.unit_costs)
+    routers = [layer.routers[unit] for layer in fm.layers for unit in layer.units]
+    fits = {}
+    for i, (label, router) in enumerate(zip(fm.unit_labels, routers, strict=True)):
+        fits[label] = round(fit_router(router, zs[i], targets[:, i]), 3)
+        if progress:
+            progress(i + 1, len(routers))
+    asked = (targets < 0).float().mean(0).tolist()
+    return {"spearman_heldout": fits, "target_skip_rate": {k: round(r, 3) for k, r in zip(fm.unit_labels, asked)}}

@@ -1,0 +1,135 @@
+"""The teacher's side of distillation, computed once per training row instead of at every step.
+
+The teacher is the model with routing off, and the layers before the first routed one are the same in teacher and
+student (nothing there trains). So for each training row we keep two hidden states: the one entering the first routed
+layer and the teacher's final one. A step then runs only the routed part of the student and no teacher at all,
+about half the work of recomputing both.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..core.families import LayerParts
+
+
+def _layers(fm) -> nn.ModuleList:
+    from ..core.flexi_model import submodule
+
+    return submodule(fm.model, LayerParts.from_dict(fm.config.parts).layers)
+
+
+class _PassThrough(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def start_at_first_routed(fm, hidden: torch.Tensor):
+    """Inside, a decoder forward skips the layers before the first routed one and feeds `hidden` to it."""
+    layers, first = _layers(fm), fm.config.routed_layers[0]
+    saved = [layers[i] for i in range(first)]
+
+    def feed(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    for i in range(first):
+        layers[i] = _PassThrough()
+    handle = layers[first].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+def _mlp_entry(layer) -> nn.Module:
+    """The module whose input is the residual stream between attention and MLP: the pre-MLP norm, or the MLP itself
+    where there is none (OLMo-2)."""
+    norm = layer._part(layer.parts.mlp_norm)
+    return norm if norm is not None else layer._part(layer.parts.mlp)
+
+
+@torch.no_grad()
+def around_routed_layers(fm, rows: torch.Tensor, grab, batch_size: int = 8) -> list[list[torch.Tensor]]:
+    """Run the original model (routing off) over `rows`; at every routed layer call grab(layer, h_in, h_mid, h_out)
+    with the residual stream entering it, after its attention and leaving it ([tokens, hidden] each) and keep what
+    it returns (a tuple of tensors). Returns, per routed layer, each returned tensor concatenated over all tokens."""
+    device = next(fm.model.parameters()).device
+    got = [[] for _ in fm.layers]
+    mids = [None for _ in fm.layers]
+    handles = []
+    for i, layer in enumerate(fm.layers):
+        def at_mlp(module, args, kwargs, i=i):
+            mids[i] = args[0] if args else next(iter(kwargs.values()))
+
+        def hook(module, args, kwargs, out, i=i):
+            h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
+            h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
+            got[i].append(tuple(x.float().cpu() for x in grab(module, h_in, mids[i].flatten(0, 1), h_out)))
+        handles.append(_mlp_entry(layer).register_forward_pre_hook(at_mlp, with_kwargs=True))
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with fm.routing("full"):
+            for i in range(0, rows.shape[0], batch_size):
+                fm.model(input_ids=rows[i:i + batch_size].to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return [[torch.cat(parts) for parts in zip(*per_layer)] for per_layer in got]
+
+
+def cache_bytes(fm, rows: torch.Tensor) -> int:
+    ref = next(fm.model.parameters())
+    return 2 * rows.numel() * fm.config.hidden_size * ref.element_size()
+
+
+class TeacherCache:
+    """Per training row: the hidden state entering the first routed layer and the teacher's final hidden state.
+    `lazy`: rows are computed the first time a step asks for them, so a large data set that a run visits about
+    once costs no up-front pass over rows it never reaches, and a row visited again costs nothing."""
+
+    def __init__(self, fm, rows: torch.Tensor, batch_size: int = 8, progress=None, lazy: bool = False):
+        ref = next(fm.model.parameters())
+        shape = (*rows.shape, fm.config.hidden_size)
+        self.fm, self.rows = fm, rows
+        self.prefix = torch.empty(shape, dtype=ref.dtype)
+        self.final = torch.empty(shape, dtype=ref.dtype)
+        self.filled = torch.zeros(rows.shape[0], dtype=torch.bool)
+        if not lazy:
+            for i in range(0, rows.shape[0], batch_size):
+                self._fill(torch.arange(i, min(i + batch_size, rows.shape[0])))
+                if progress:
+                    progress(min(i + batch_size, rows.shape[0]), rows.shape[0])
+
+    @torch.no_grad()
+    def _fill(self, idx: torch.Tensor) -> None:
+        from ..core.flexi_model import decoder_of
+
+        fm = self.fm
+        ref = next(fm.model.parameters())
+        decoder, first = decoder_of(fm.model), _layers(fm)[fm.config.routed_layers[0]]
+        seen = {}
+        grab = first.register_forward_pre_hook(
+            lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+        try:
+            with fm.routing("full"):
+                for i in idx.tolist():  # one row at a time: its values never depend on which rows came with it,
+                    out = decoder(input_ids=self.rows[i:i + 1].to(ref.device)).last_hidden_state  # so a resumed
+                    self.prefix[i] = seen["h"][0].cpu()  # run fills exactly what an unbroken one did
+                    self.final[i] = out[0].cpu()
+                    self.filled[i] = True
+        finally:
+            grab.remove()
+
+    def lookup(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = idx[~self.filled[idx]].unique()
+        if missing.numel():
+            self._fill(missing)
+        return self.prefix[idx].to(device), self.final[idx].to(device)
