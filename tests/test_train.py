@@ -377,3 +377,12 @@ def test_penalty_balance_starts_lambda_where_the_count_stops_moving():
     at_zero, at_balance = count_drift(0.0), count_drift(lam)
     assert at_zero < 0, "without the budget term the distillation loss lowers the count"
     assert abs(at_balance) < 0.05 * abs(at_zero), (at_zero, at_balance)
+
+
+def test_train_with_the_penalty_started_at_its_balance_records_it():
+    fm, rows, heldout = setup()
+    summary = train(fm, cfg(router_init="influence", penalty_start="balance", steps=4), rows=rows, heldout=heldout,
+                    progress=False, log=lambda m: None)
+    assert 0 < summary["penalty_start"] <= 1.0 and fm.config.training["penalty_start"] == summary["penalty_start"]
+    with pytest.raises(Exception, match="penalty_start must be"):
+        cfg(penalty_start="half").check()

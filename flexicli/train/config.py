@@ -30,7 +30,11 @@ class TrainConfig:
     #                          | density: per-unit target density (budget.BudgetDensity)
     router_init: str = "influence"  # influence: fit the routers to token-level unit influence first (router_init.py) | none: fresh routers
     adapter_init: str = "fit"  # fit: fitted to the update it replaces before step 0 (adapter_init.py) | none: fresh adapters (add nothing)
-    penalty_start: str = "balance"  # penalty budget with warm-started routers: balance: lambda starts where the losses balance (loop.penalty_balance) | zero
+    # penalty budget with warm-started routers: zero: lambda starts at 0 | balance: where the losses balance
+    # (loop.penalty_balance). Measured on SmolLM2, N = 4, same seed and data (docs/results.md): balance removes the
+    # early dip of the count and is far better at step 60 (held-out KL 0.246 against 0.386), but ended worse
+    # (flexi eval KL 0.303 / top-1 0.760 against 0.234 / 0.788), after a loss spike at step 117; one seed each
+    penalty_start: str = "zero"
     ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
     eval_every: int = 60
     eval_rows: int = 8
