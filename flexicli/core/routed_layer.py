@@ -80,15 +80,10 @@ def capacity_decisions(w: torch.Tensor, share: float) -> tuple[torch.Tensor, flo
     flat = w.detach().flatten()
     if k >= flat.numel():
         return torch.zeros_like(w, dtype=torch.bool), min(1 - 1e-7, (1 + float(flat.max())) / 2)
-    low = flat.kthvalue(k).values
-    high = flat.kthvalue(k + 1).values
-    run = w > low
-    if int((~run).sum()) != k:  # ties (saturated gates): break them by position so exactly k skip
-        order = flat.argsort(stable=True)
-        run = torch.ones_like(flat, dtype=torch.bool)
-        run[order[:k]] = False
-        run = run.view_as(w)
-    return run, float(low + high) / 2
+    order = flat.argsort(stable=True)  # stable: ties (saturated gates) broken by position, so exactly k skip
+    run = torch.ones_like(flat, dtype=torch.bool)
+    run[order[:k]] = False
+    return run.view_as(w), float(flat[order[k - 1]] + flat[order[k]]) / 2
 
 
 class RMSNorm(nn.Module):

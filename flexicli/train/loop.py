@@ -115,8 +115,8 @@ def release_freed_memory() -> None:
 
 def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
     """The student's forward of one micro-batch and its loss terms (no backward). Sets fm.state.capacity, which the
-    caller clears after backward: gradient checkpointing recomputes each layer there and must take the same
-    decisions."""
+    caller clears in a `finally` after backward (also when this raises): gradient checkpointing recomputes each layer
+    in backward and must take the same decisions."""
     from .teacher import start_at_first_routed
 
     decoder = decoder_of(fm.model)
@@ -137,9 +137,6 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
         density = unit_density(fm.state.gates) if budget.kind == "density" else None
         logits = gate_logits(fm.state.gates)
         margin = gate_margin(fm.state.gates, budget.logit).mean() if cfg.margin else 0.0
-    except BaseException:
-        fm.state.capacity = None
-        raise
     finally:
         fm.state.gates = None
     if cfg.objective == "kl":
