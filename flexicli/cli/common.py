@@ -12,7 +12,6 @@ import click
 from ..core import DEFAULT_DIR
 
 
-
 def stderr_console():
     from rich.console import Console
 

@@ -139,7 +139,8 @@ class FlexiModel:
         return [m for m in submodule(self.model, self.config.parts["layers"]) if isinstance(m, FlexiLayer)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for part in trained_modules(layer) for p in getattr(layer, part).parameters()]
+        return [p for layer in self.layers for part in trained_modules(layer)
+                for p in getattr(layer, part).parameters()]
 
     def flexi_state_dict(self) -> dict[str, torch.Tensor]:
         return trained_state(self.layers)

@@ -13,13 +13,13 @@ With gradients enabled the hard decision `run` enters the forward value as `run 
 forward value is exactly the hard-routed model (so a model whose routers run everything reproduces the
 original), and the router learns from the difference between running and skipping (straight-through).
 
-Without gradients (inference) the layer takes the fast path: a skipped token computes only its K/V, the
-router and the adapter; queries, attention and MLP run for the gathered running tokens (flexicli/core/sparse_attention.py,
-same logits as the reference path, tests/test_fastpath.py). `RoutingState.fast_path = False` forces the
-reference path.
+Without gradients (inference) the layer takes the fast path: a skipped token computes only its K/V, the router and the
+adapter; queries, attention and MLP run for the gathered running tokens (flexicli/core/sparse_attention.py, same logits
+as the reference path, tests/test_fastpath.py). `RoutingState.fast_path = False` forces the reference path.
 
 That is the `layer` skip unit (FlexiDepth). The `module` and `mlp` units (Learning to Skip: a router per attention
-and/or MLP sublayer) are flexicli/core/module_routing.py; what each unit saves, in layer-equivalents, flexicli/core/units.py.
+and/or MLP sublayer) are flexicli/core/module_routing.py; what each unit saves, in layer-equivalents,
+flexicli/core/units.py.
 """
 
 from __future__ import annotations

@@ -28,8 +28,7 @@ def prompt_ids(tokenizer, item, chat: bool | None = None) -> list[int]:
         return [int(t) for t in (item.tolist() if torch.is_tensor(item) else item)]
     if tokenizer is None:
         raise BadInput("this model has no tokenizer, so it cannot read text", "pass token ids from Python")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if (chat is None and has_template) or (chat and has_template):
+    if chat is not False and getattr(tokenizer, "chat_template", None):
         return chat_ids(tokenizer, [{"role": "user", "content": item}])
     # chat-templated text already carries the BOS token (if the model uses one); plain text gets it here
     has_bos = bool(getattr(tokenizer, "bos_token", None)) and item.startswith(tokenizer.bos_token)

@@ -298,7 +298,6 @@ def generation_divergence(a: Generation, b: Generation) -> int | None:
     return None if ids_a == ids_b else first_divergence(ids_a, ids_b)
 
 
-
 # ---- colour scale: shared by the terminal (`--show-layers`) and the HTML report of `flexi patterns` ----------
 # Few layers (cheap tokens) are blue, many layers (hungry tokens) red.
 DEPTH_STOPS = ["#3b82f6", "#22c55e", "#eab308", "#f97316", "#ef4444"]

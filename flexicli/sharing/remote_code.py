@@ -1,8 +1,9 @@
 """The model class that stock transformers runs for an exported folder (`trust_remote_code=True`).
 
-`flexi export` writes `modeling_flexi.py` from flexicli's own source files, so there is one implementation
-of a routed layer: core/errors.py, families.py, compat.py, sparse_attention.py, units.py, module_routing.py and
-routed_layer.py (export._SOURCES), then this file, each with its relative imports removed, then one generated line naming the base class of the exported model, e.g.
+`flexi export` writes `modeling_flexi.py` from flexicli's own source files, so there is one implementation of a routed
+layer: core/errors.py, families.py, compat.py, sparse_attention.py, units.py, module_routing.py and routed_layer.py
+(export._SOURCES), then this file, each with its relative imports removed, then one generated line naming the base class
+of the exported model, e.g.
 
     class FlexiForCausalLM(FlexiMixin, LlamaForCausalLM):
         pass

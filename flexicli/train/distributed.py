@@ -6,17 +6,17 @@
 The launcher sets WORLD_SIZE/RANK/LOCAL_RANK; `init()` reads them and starts the process group once (nccl on CUDA,
 gloo on CPU). With one process and no launcher everything here is a no-op, so `train()` has a single code path.
 
-Data parallel: each optimiser step's global batch (`batch_size` rows per micro-batch, picked by `batch_indices`) is cut into
-`world_size` contiguous equal shards, rank r takes shard r. Each rank's loss is a mean over its own tokens, so the mean
-of the ranks' gradients is the gradient one process computes on the whole batch; the same holds for the skipped-layers
-measurement the budget threshold reads, which is averaged too, so every rank holds the same threshold.
+Data parallel: each optimiser step's global batch (`batch_size` rows per micro-batch, picked by `batch_indices`) is cut
+into `world_size` contiguous equal shards, rank r takes shard r. Each rank's loss is a mean over its own tokens, so the
+mean of the ranks' gradients is the gradient one process computes on the whole batch; the same holds for the
+skipped-layers measurement the budget threshold reads, which is averaged too, so every rank holds the same threshold.
 
 Why an all-reduce of the flattened trainable gradients and not `DistributedDataParallel`: DDP's reducer fires from hooks
-armed by `DDP.forward`, but a training step calls the decoder (twice: teacher and student) and the output head
-directly, never `model.forward`, so a DDP wrapper would never sync. The trainable parameters (routers and adapters) are a
-few MB, so one all-reduce per optimiser step after the last micro-batch costs nothing next to the forward passes; the
-result is DDP's (mean of the ranks' gradients), reduced in float32. Like DDP at construction, `prepare()` broadcasts the
-trainable parameters from rank 0 so that every rank starts from the same weights.
+armed by `DDP.forward`, but a training step calls the decoder (twice: teacher and student) and the output head directly,
+never `model.forward`, so a DDP wrapper would never sync. The trainable parameters (routers and adapters) are a few MB,
+so one all-reduce per optimiser step after the last micro-batch costs nothing next to the forward passes; the result is
+DDP's (mean of the ranks' gradients), reduced in float32. Like DDP at construction, `prepare()` broadcasts the trainable
+parameters from rank 0 so that every rank starts from the same weights.
 
 FSDP (`ACCELERATE_USE_FSDP=true`, which `accelerate launch` sets from an FSDP config, or `FLEXI_FSDP=1` with torchrun):
 the frozen base is sharded with torch's FSDP2 `fully_shard`, whose all-gathers fire from hooks on each sharded module's
@@ -24,12 +24,12 @@ own call, so they work however the decoder is reached:
   - each routed layer's attention and MLP (FlexiLayer calls them one by one, never the layer's forward),
   - each unrouted decoder layer as a whole,
   - the decoder itself (the remaining norms), as the root.
-Replicated, not sharded: routers and adapters (trained; their gradients go through the same all-reduce as above),
-the input embeddings and the output head (`objectives.logits_fn` calls the head outside the decoder's forward, and
+Replicated, not sharded: routers and adapters (trained; their gradients go through the same all-reduce as above), the
+input embeddings and the output head (`objectives.logits_fn` calls the head outside the decoder's forward, and
 SmolLM2-like models tie it to the embeddings). For Llama-3-8B that is 2 x 1 GB per GPU; the ~14 GB of layers are split.
-Every rank runs the same held-out evaluation (all ranks see the same rows: a sharded module's all-gather is a collective,
-and a no-grad routed layer skips its MLP call when no token runs it, so ranks on different data could disagree on
-which collectives to join). Rank 0 alone writes metrics and checkpoints; the others wait at a barrier.
+Every rank runs the same held-out evaluation (all ranks see the same rows: a sharded module's all-gather is a
+collective, and a no-grad routed layer skips its MLP call when no token runs it, so ranks on different data could
+disagree on which collectives to join). Rank 0 alone writes metrics and checkpoints; the others wait at a barrier.
 """
 
 from __future__ import annotations

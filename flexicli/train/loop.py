@@ -35,12 +35,6 @@ from .teacher import cache_bytes
 CACHE_LIMIT = 4 * 2**30  # teacher cache bytes; memory is only touched for rows a run reaches (TeacherCache lazy)
 
 
-
-
-
-
-
-
 # ---- data ---------------------------------------------------------------------------------------------------
 def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
     from ..data import text
@@ -86,8 +80,6 @@ def batch_indices(n: int, seed: int, index: int, batch_size: int) -> torch.Tenso
     return torch.tensor(picks)
 
 
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -109,8 +101,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; a fixed value also stops the growth
     except (OSError, AttributeError):  # not glibc (musl): nothing to tune
         pass
-
-
 
 
 def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
@@ -172,6 +162,9 @@ def penalty_balance(fm, batches: list, cfg: TrainConfig, head, target: float, bu
     first steps go along g / rms(g) per parameter, so the balance is where that direction leaves the count
     unchanged: sum_i dS/dθ_i * m_i(lam) / rms_i(lam) = 0, with m and rms over the micro-batches of
     g_main - lam * g_S (the budget term is lam * (target - S)). That sum falls as lam grows; bisection finds it."""
+    def flat(grads):  # one vector over the routers' parameters (None: a parameter the loss does not reach)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, routers)])
+
     g_main, g_s = [], []
     for i, batch in enumerate(batches):
         try:
@@ -181,8 +174,6 @@ def penalty_balance(fm, batches: list, cfg: TrainConfig, head, target: float, bu
             gs = torch.autograd.grad(f["skipped_st"].mean(), routers, allow_unused=True)
         finally:
             fm.state.capacity = None
-        flat = lambda gs_: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()  # noqa: E731
-                                      for g, p in zip(gs_, routers)])
         g_main.append(flat(gm))
         g_s.append(flat(gs))
     g_main, g_s = torch.stack(g_main), torch.stack(g_s)  # [batches, params]
@@ -193,15 +184,17 @@ def penalty_balance(fm, batches: list, cfg: TrainConfig, head, target: float, bu
         return float((ds * g.mean(0) / (g.pow(2).mean(0).sqrt() + 1e-12)).sum())
 
     lo, hi = -budget.limit, budget.limit
-    if drift(hi) > 0 or drift(lo) < 0:  # no balance within the anti-windup limit: start at the nearer end
-        return hi if drift(hi) > 0 else lo
+    if drift(hi) > 0:  # no balance within the anti-windup limit: start at the nearer end
+        return hi
+    if drift(lo) < 0:
+        return lo
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if drift(mid) > 0 else (lo, mid)
     return (lo + hi) / 2
 
 
-# ---- held-out evaluation (flexicli/evaluation/evaluate.py's metrics: one implementation for train and eval) -----------
+# ---- held-out evaluation (flexicli/evaluation/evaluate.py's metrics: one implementation for train and eval) ----
 def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
     """KL(original || routed), top-1 agreement, mean skipped layers and per-layer skip rate on held-out rows."""
     from ..evaluation.evaluate import compare_teacher_forced
@@ -209,22 +202,13 @@ def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
     return compare_teacher_forced(fm, rows.tolist(), {"mode": "routed"}, batch_size)
 
 
-
-
-
-
 def greedy_agreement(fm, prompts: list[str], new_tokens: int = 32) -> dict:
     """Share of held-out prompts whose greedy continuation is identical, and mean first-divergence position."""
     from ..data.tokens import prompt_ids
     from ..evaluation.evaluate import compare_greedy
 
-    return compare_greedy(fm, [prompt_ids(fm.tokenizer, p, chat=True) for p in prompts], new_tokens, {"mode": "routed"}, 8)
-
-
-
-
-
-
+    ids = [prompt_ids(fm.tokenizer, p, chat=True) for p in prompts]
+    return compare_greedy(fm, ids, new_tokens, {"mode": "routed"}, 8)
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------

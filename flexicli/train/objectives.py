@@ -102,21 +102,3 @@ def gate_logits(gates) -> torch.Tensor:
     """The routers' logits of one forward, pooled over tokens and routed layers (for the budget threshold)."""
     w = torch.stack([g[1].detach().float() for g in gates], dim=-1)
     return torch.logit(w, eps=1e-7).flatten()
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
