@@ -3,13 +3,14 @@
 # preparation included), timed, then `flexi eval` (its default verdict) and `flexi eval` on standard-library
 # docstrings (text of another kind, never trained on). Run from an empty folder:
 #   bash benchmarks/default_run.sh 4 runs/default4
+# A third argument, a config file (flexi train --config), measures a setting against the default the same way.
 set -euo pipefail
-N=${1:-4}; OUT=${2:-runs/default$N}; REPO=$(cd "$(dirname "$0")/.." && pwd)
+N=${1:-4}; OUT=${2:-runs/default$N}; CONFIG=${3:+$(realpath "$3")}; REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"; cd "$OUT"
 export FLEXI_CACHE=$PWD/cache  # empty: the data preparation is part of the timed run
 t0=$(date +%s)
 flexi convert -o ckpt --force > convert.json 2> convert.err
-flexi train -m ckpt --skip-target "$N" --json > train.json 2> train.err
+flexi train -m ckpt --skip-target "$N" ${CONFIG:+--config "$CONFIG"} --json > train.json 2> train.err
 t1=$(date +%s)
 echo "convert+train wall seconds: $((t1 - t0))" | tee wall.txt
 flexi eval -m ckpt --json > eval.json 2> eval.err || true  # a failed verdict exits non-zero; the JSON is the record

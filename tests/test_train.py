@@ -154,6 +154,42 @@ def test_resume_equals_unbroken_run(tmp_path, budget):
         assert torch.allclose(v, fm_c.flexi_state_dict()[k], atol=1e-6), k
 
 
+def test_weight_average_is_saved_and_the_last_step_resumes(tmp_path):
+    """ema > 0: the checkpoint holds the average of the steps' weights (the plain mean until the decay reaches
+    `ema`), training itself is unchanged, and a killed run resumes to the same average."""
+    from safetensors.torch import load_file
+
+    from flexicli.core.checkpoint import read_weights
+
+    def run(name, stop_after=None, resume=False, **kw):
+        fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
+        if resume:
+            fm.load_flexi_state_dict(read_weights(tmp_path / name))
+        else:
+            fm.save(tmp_path / name)
+        fm.path = tmp_path / name
+        train(fm, cfg(steps=3, **kw), rows=rows, heldout=heldout, progress=False, log=lambda m: None,
+              stop_after=stop_after, resume=resume)
+        return {k: v.clone() for k, v in fm.flexi_state_dict().items()}
+
+    _, rows, heldout = setup()
+    w = [run(f"plain{n}", stop_after=n) for n in (1, 2)] + [run("plain3")]  # each step's weights, no average
+    averaged = run("ema", ema=0.6)
+    for k, v in averaged.items():  # decays 0, 0.5, then min(0.6, 2/3)
+        expect = 0.6 * (w[0][k] + w[1][k]) / 2 + 0.4 * w[2][k]
+        assert torch.allclose(v, expect, atol=1e-6), k
+    assert any(not torch.equal(averaged[k], w[2][k]) for k in averaged)
+    state = load_file(tmp_path / "ema" / "train_state.safetensors")
+    last = [state[f"last.{i}"] for i in range(sum(k.startswith("last.") for k in state))]
+    assert all(any(torch.equal(t, v) for v in w[2].values()) for t in last), "the last step's weights are kept"
+    run("ema_killed", stop_after=2, ema=0.6)
+    resumed = run("ema_killed", resume=True, ema=0.6)
+    for k, v in averaged.items():
+        assert torch.allclose(v, resumed[k], atol=1e-6), k
+    with pytest.raises(Exception, match="ema must be"):
+        cfg(ema=1.0).check()
+
+
 def test_data_order_is_a_function_of_seed_and_index():
     assert torch.equal(batch_indices(10, 0, 3, 4), batch_indices(10, 0, 3, 4))
     assert not torch.equal(batch_indices(10, 0, 3, 4), batch_indices(10, 1, 3, 4)), "another seed, another order"

@@ -43,6 +43,9 @@ class TrainConfig:
     calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
     selfgen_tokens: int = 96
     docs_chars: int = 1_500_000  # data docs/mix: characters of package documentation (~4 per token)
+    # > 0: the model saved at the end holds an exponential moving average of the trained weights with this decay
+    # (after a short warm-up of the decay: loop.ema_decay); 0: the last step's weights
+    ema: float = 0.0
     cache_teacher: bool = True  # keep teacher hidden states per row (if under CACHE_LIMIT): about half the work per step
 
     @classmethod
@@ -73,6 +76,8 @@ class TrainConfig:
             raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
         if self.penalty_start not in ("balance", "zero"):
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise BadInput(f"ema must be in [0, 1), not {self.ema}", "0 turns the weight average off")
         if self.adapter_init not in ("fit", "none"):
             raise BadInput(f"adapter_init must be 'fit' or 'none', not {self.adapter_init!r}")
 

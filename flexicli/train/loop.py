@@ -87,6 +87,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def ema_decay(step: int, ema: float) -> float:
+    """The weight average's decay after step `step` (0-based): the plain mean of every step so far until that mean's
+    decay 1 - 1/(step + 1) reaches `ema`, then exponential, so the first steps' weights do not linger."""
+    return min(ema, 1.0 - 1.0 / (step + 1))
+
+
 # ---- one step -----------------------------------------------------------------------------------------------
 def release_freed_memory() -> None:
     """Have glibc serve blocks over 64 KiB with mmap, so that memory a step frees goes back to the system. By
@@ -228,6 +234,7 @@ class _Run:
     heldout: torch.Tensor | None = None
     cache: object = None
     warm: bool = False
+    ema: list | None = None  # the weight average (cfg.ema > 0), one tensor per trainable parameter
 
 
 def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False, rows: torch.Tensor | None = None,
@@ -253,6 +260,8 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
     """The model made trainable (shard/move it when distributed), the optimiser, the budget, and a resumed run's
     state."""
     dist.check_batch(cfg.batch_size)
+    if cfg.ema and dist.world_size > 1:  # a sharded run's parameters are pieces: their average is not written yet
+        raise BadInput("ema (the weight average) is single-process only", "set ema: 0 for a distributed run")
     distributed.prepare(fm, dist)
     torch.manual_seed(cfg.seed)
     release_freed_memory()
@@ -263,12 +272,12 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
     adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
     opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
                             lr=cfg.lr, weight_decay=0.0)
-    start, budget_state = 0, None
+    start, budget_state, weights = 0, None, {}
     if resume:
         if folder is None:
             raise BadInput("nothing to resume: no checkpoint folder", "start without --resume")
         if (folder / TRAIN_STATE).is_file():
-            start, saved_cfg, budget_state = load_training(folder, opt)
+            start, saved_cfg, budget_state, weights = load_training(folder, opt)
             cfg = TrainConfig.from_dict({**saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
             log(f"resuming at step {start} of {cfg.steps}")
         elif (fm.config.training or {}).get("steps_done"):  # trained, but its training state is gone
@@ -287,8 +296,13 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
         budget.load(budget_state)
         if cfg.objective == "kl":
             fm.set_threshold(budget.threshold)
+    with torch.no_grad():
+        if "last" in weights:  # a finished run's checkpoint holds the average: go on from the last step's weights
+            torch._foreach_copy_(params, [w.to(p.device, p.dtype) for w, p in zip(weights["last"], params)])
+        ema = None if cfg.ema == 0 else [w.to(p.device, p.dtype) for w, p in zip(weights["ema"], params)] \
+            if "ema" in weights else [p.detach().clone() for p in params]
     fm.state.checkpointing = cfg.gradient_checkpointing
-    return _Run(cfg=cfg, dist=dist, device=next(fm.model.parameters()).device, head=logits_fn(fm.model),
+    return _Run(ema=ema, cfg=cfg, dist=dist, device=next(fm.model.parameters()).device, head=logits_fn(fm.model),
                 params=params, routers=routers, opt=opt, budget=budget, start=start,
                 warm=cfg.warm_start and dist.world_size == 1)  # distributed: no warm start yet (fresh routers)
 
@@ -380,6 +394,9 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         torch.nn.utils.clip_grad_norm_(run.params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(run.ema, run.params, 1.0 - ema_decay(step, cfg.ema))
         skipped = sum(s["skipped"] for s in stats) / len(stats)
         if cfg.objective == "kl":  # distributed: each micro-batch's logits over all ranks
             budget.after_step(target, skipped, [dist.gather(s["logits"]) for s in stats])
@@ -400,7 +417,8 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         kill_point("step")  # tests of crash safety (FLEXI_TEST_KILL_AT); nothing otherwise
         done = step + 1
         if folder and (done % cfg.save_every == 0 or done == cfg.steps or done == stop_after):
-            dist.on_main(save_training, fm, folder, cfg, done, opt, budget, None)  # others wait
+            dist.on_main(save_training, fm, folder, cfg, done, opt, budget, None,  # others wait
+                         {"ema": run.ema} if run.ema is not None else None)
         if stop_after is not None and done >= stop_after:
             return done
     return None
@@ -413,6 +431,15 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
         p.requires_grad_(False)
     summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data, "budget": cfg.budget,
                "router_init": cfg.router_init, "adapter_init": cfg.adapter_init}
+    weights = None
+    if run.ema is not None:  # the checkpoint gets the average; the last step's weights stay in the training state
+        if run.heldout is not None:
+            last = heldout_metrics(fm, run.heldout)
+            summary["last_step"] = {k: last[k] for k in ("kl", "kl_p99", "top1_agreement", "mean_skipped_layers")}
+        weights = {"ema": run.ema, "last": [p.detach().clone() for p in run.params]}
+        with torch.no_grad():
+            torch._foreach_copy_(run.params, run.ema)
+        summary["ema"] = cfg.ema
     if run.heldout is not None:
         final = heldout_metrics(fm, run.heldout)
         summary["trained_threshold_skipped"] = final["mean_skipped_layers"]
@@ -428,5 +455,5 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
         if (fm.config.training or {}).get(key) is not None:
             summary[key] = fm.config.training[key]
     if folder:
-        run.dist.on_main(save_training, fm, folder, cfg, cfg.steps, run.opt, run.budget, summary)
+        run.dist.on_main(save_training, fm, folder, cfg, cfg.steps, run.opt, run.budget, summary, weights)
     return summary

@@ -22,7 +22,10 @@ METRICS = "metrics.jsonl"
 
 
 # ---- saving -------------------------------------------------------------------------------------------------
-def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, summary: dict | None) -> None:
+def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, summary: dict | None,
+                  weights: dict[str, list] | None = None) -> None:
+    """`weights`: lists of tensors, one per trainable parameter, kept in the training state under their name
+    ("ema": the running average; "last": the last step's weights when the checkpoint holds the average)."""
     from safetensors.torch import save_file
 
     from ..core.card import render_card
@@ -32,6 +35,8 @@ def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, su
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             flat[f"{i}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(float(v))
+    for name, tensors in (weights or {}).items():
+        flat.update({f"{name}.{i}": t.detach().cpu().contiguous() for i, t in enumerate(tensors)})
     fm.config.training = {**(fm.config.training or {}), **(summary or {}), "skip_target": cfg.skip_target,
                           "steps_done": step, "command": (fm.config.training or {}).get("command", _command())}
     metrics = folder / METRICS
@@ -44,20 +49,25 @@ def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, su
                      extra_files=extra, writer=write_state)
 
 
-def load_training(folder: Path, opt) -> tuple[int, dict, dict]:
-    """Restore the optimiser; returns (steps done, the run's TrainConfig as a dict, the budget's state)."""
+def load_training(folder: Path, opt) -> tuple[int, dict, dict, dict[str, list]]:
+    """Restore the optimiser; returns (steps done, the run's TrainConfig as a dict, the budget's state, the weight
+    lists save_training kept)."""
     from safetensors import safe_open
 
     path = folder / TRAIN_STATE
     with safe_open(path, "pt") as f:
         scalars = json.loads(f.metadata()["scalars"])
         flat = {k: f.get_tensor(k) for k in f.keys()}
-    sd = opt.state_dict()
+    sd, weights = opt.state_dict(), {}
     for key, v in flat.items():
         i, name = key.split(".", 1)
-        sd["state"].setdefault(int(i), {})[name] = v
+        if i.isdigit():  # the optimiser's state of parameter i
+            sd["state"].setdefault(int(i), {})[name] = v
+        else:  # a weight list: "<list name>.<parameter index>"
+            weights.setdefault(i, {})[int(name)] = v
     opt.load_state_dict(sd)
-    return scalars["step"], scalars["train_config"], scalars["budget"]
+    weights = {name: [by_index[j] for j in range(len(by_index))] for name, by_index in weights.items()}
+    return scalars["step"], scalars["train_config"], scalars["budget"], weights
 
 
 def trim_metrics(path: Path, step: int) -> None:
