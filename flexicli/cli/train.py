@@ -78,6 +78,11 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     for key in ("mean_skipped_layers", "kl", "top1_agreement", "greedy_match", "greedy_first_divergence", "threshold"):
         if key in summary:
             table.add_row(key, f"{summary[key]:.4f}")
+    if "last_step" in summary:  # ema: the saved average against the last step's weights on the same rows
+        last = summary["last_step"]
+        table.add_row("last step's weights", f"kl {last['kl']:.4f}  top1_agreement {last['top1_agreement']:.4f}  "
+                      f"skipped {last['mean_skipped_layers']:.2f} (the checkpoint holds their average, ema "
+                      f"{summary['ema']:g})")
     rates = summary.get("per_layer_skip_rate", {})
     table.add_row("per-unit skip rate", " ".join(f"{k}:{v:.2f}" for k, v in rates.items()))
     Console().print(table)

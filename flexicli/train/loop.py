@@ -88,8 +88,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def ema_decay(step: int, ema: float) -> float:
-    """The weight average's decay after step `step` (0-based): the plain mean of every step so far until that mean's
-    decay 1 - 1/(step + 1) reaches `ema`, then exponential, so the first steps' weights do not linger."""
+    """The weight average's decay after step `step` (0-based, counted from the first step at the full skip target):
+    the plain mean of every step so far until that mean's decay 1 - 1/(step + 1) reaches `ema`, then exponential, so
+    the first steps' weights do not linger. Routers averaged over a ramping target would skip too little."""
     return min(ema, 1.0 - 1.0 / (step + 1))
 
 
@@ -260,8 +261,6 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
     """The model made trainable (shard/move it when distributed), the optimiser, the budget, and a resumed run's
     state."""
     dist.check_batch(cfg.batch_size)
-    if cfg.ema and dist.world_size > 1:  # a sharded run's parameters are pieces: their average is not written yet
-        raise BadInput("ema (the weight average) is single-process only", "set ema: 0 for a distributed run")
     distributed.prepare(fm, dist)
     torch.manual_seed(cfg.seed)
     release_freed_memory()
@@ -377,6 +376,7 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
     cfg, dist, budget, opt, rows = run.cfg, run.dist, run.budget, run.opt, run.rows
     # fresh routers: the target ramps up from 0, so the adapters learn while few tokens skip
     ramp_steps = (cfg.ramp if cfg.ramp is not None else 0.0 if run.warm else 0.3) * cfg.steps
+    full_target_from = max(0, math.ceil(ramp_steps) - 1)  # the weight average starts here: no weights of the ramp
     metrics_path = folder / METRICS if folder else None
     fm.model.train(False)  # no dropout: the student must see the teacher's exact computation
     for step in range(run.start, cfg.steps):
@@ -396,7 +396,7 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         opt.zero_grad(set_to_none=True)
         if run.ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(run.ema, run.params, 1.0 - ema_decay(step, cfg.ema))
+                torch._foreach_lerp_(run.ema, run.params, 1.0 - ema_decay(max(0, step - full_target_from), cfg.ema))
         skipped = sum(s["skipped"] for s in stats) / len(stats)
         if cfg.objective == "kl":  # distributed: each micro-batch's logits over all ranks
             budget.after_step(target, skipped, [dist.gather(s["logits"]) for s in stats])
@@ -437,8 +437,13 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
             last = heldout_metrics(fm, run.heldout)
             summary["last_step"] = {k: last[k] for k in ("kl", "kl_p99", "top1_agreement", "mean_skipped_layers")}
         weights = {"ema": run.ema, "last": [p.detach().clone() for p in run.params]}
+        # averaged routers skip a little more or less than the last step's under the threshold the budget trained,
+        # so they are averaged only when calibration sets the threshold afterwards; adapters always are
+        calibrated = cfg.calibrate and run.heldout is not None
+        routers = {id(p) for p in run.routers}
+        pairs = [(p, e) for p, e in zip(run.params, run.ema) if calibrated or id(p) not in routers]
         with torch.no_grad():
-            torch._foreach_copy_(run.params, run.ema)
+            torch._foreach_copy_([p for p, _ in pairs], [e for _, e in pairs])
         summary["ema"] = cfg.ema
     if run.heldout is not None:
         final = heldout_metrics(fm, run.heldout)
