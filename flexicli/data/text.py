@@ -39,9 +39,21 @@ def heldout_prompts(n: int | None = None) -> list[str]:
 
 
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """A conversation as text, tokenised later with add_special_tokens=False. A chat template writes the BOS token
+    itself; without one (a base model such as Gemma-3-270m) the text gets the BOS token here if the tokenizer adds
+    one to plain text, as a model trained with BOS degenerates without it ("<h2><h2><h2>...")."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return "\n\n".join(m["content"] for m in messages) + ("\n\n" if add_generation_prompt else "")
+    return bos_text(tokenizer) + "\n\n".join(m["content"] for m in messages) + ("\n\n" if add_generation_prompt else "")
+
+
+def bos_text(tokenizer) -> str:
+    """The BOS token as text if the tokenizer puts it before plain text (Llama, Gemma), else "" (GPT-2, SmolLM2)."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos_id else ""
 
 
 def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 96, batch_size: int = 32,
