@@ -58,25 +58,26 @@ def bos_text(tokenizer) -> str:
 
 def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 96, batch_size: int = 32,
                     progress=None) -> list[str]:
-    """The original model's greedy answers (routing off), cached by base fingerprint, prompts and length."""
+    """The original model's greedy answers (routing off), cached by base fingerprint, the prompts as the model reads
+    them (so a change in how a prompt is rendered, such as its BOS, never reuses answers to the old text) and
+    length."""
     from ..core.base_model import cache_dir
 
-    key = hashlib.sha256(json.dumps([fm.config.base_fingerprint, prompts, max_new_tokens]).encode()).hexdigest()[:16]
-    path = cache_dir() / "selfgen" / f"{key}.jsonl"
-    if path.is_file():
-        return [json.loads(line)["answer"] for line in path.read_text().splitlines()]
     tok = fm.tokenizer
     if tok is None:
         raise BadInput("this base model has no tokenizer: pass --data with token text, or a model with a tokenizer")
+    rendered = [chat_text(tok, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    key = hashlib.sha256(json.dumps([fm.config.base_fingerprint, rendered, max_new_tokens]).encode()).hexdigest()[:16]
+    path = cache_dir() / "selfgen" / f"{key}.jsonl"
+    if path.is_file():
+        return [json.loads(line)["answer"] for line in path.read_text().splitlines()]
     side, tok.padding_side = tok.padding_side, "left"
     pad = pad_id(fm.model, tok)
     answers = []
     device = next(fm.model.parameters()).device
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [chat_text(tok, [{"role": "user", "content": p}], add_generation_prompt=True)
-                     for p in prompts[i:i + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tok(rendered[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.no_grad(), fm.routing("full"):
                 out = fm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
