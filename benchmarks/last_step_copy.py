@@ -8,14 +8,14 @@ on the same run at the same count (train's held-out rows printed here; `flexi ev
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from flexicli.core.flexi_model import FlexiModel
 from flexicli.train.calibration import calibrate_threshold
 from flexicli.train.loop import heldout_metrics, heldout_rows
-from flexicli.train.resume import TRAIN_STATE
+from flexicli.train.resume import saved_weights
 
 ap = argparse.ArgumentParser()
 ap.add_argument("ckpt")
@@ -23,14 +23,11 @@ ap.add_argument("out")
 args = ap.parse_args()
 
 fm = FlexiModel.load(args.ckpt)
-state = load_file(f"{args.ckpt}/{TRAIN_STATE}")
-params = fm.trainable_parameters()
-last = [state.get(f"last.{i}") for i in range(len(params))]
-if any(t is None for t in last):
+last = saved_weights(Path(args.ckpt)).get("last")
+if last is None:
     raise SystemExit(f"{args.ckpt} has no last-step weights: it was not trained with ema > 0")
 with torch.no_grad():
-    for p, t in zip(params, last):
-        p.copy_(t)
+    torch._foreach_copy_(fm.trainable_parameters(), last)
 training = fm.config.training
 rows = heldout_rows(fm, 256)  # the default seq_len, which these runs trained with
 fm.set_threshold(calibrate_threshold(fm, rows, training["skip_target"]))

@@ -158,9 +158,13 @@ def test_resume_equals_unbroken_run(tmp_path, budget):
 def test_weight_average_is_saved_and_the_last_step_resumes(tmp_path):
     """ema > 0: the checkpoint holds the average of the steps' weights (the plain mean until the decay reaches
     `ema`), training itself is unchanged, and a killed run resumes to the same average."""
-    from safetensors.torch import load_file
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from flexicli.core.checkpoint import read_weights
+    from flexicli.train.resume import saved_weights
 
     def run(name, stop_after=None, resume=False, **kw):
         fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
@@ -180,8 +184,7 @@ def test_weight_average_is_saved_and_the_last_step_resumes(tmp_path):
         expect = 0.6 * (w[0][k] + w[1][k]) / 2 + 0.4 * w[2][k]
         assert torch.allclose(v, expect, atol=1e-6), k
     assert any(not torch.equal(averaged[k], w[2][k]) for k in averaged)
-    state = load_file(tmp_path / "ema" / "train_state.safetensors")
-    last = [state[f"last.{i}"] for i in range(sum(k.startswith("last.") for k in state))]
+    last = saved_weights(tmp_path / "ema")["last"]
     assert all(any(torch.equal(t, v) for v in w[2].values()) for t in last), "the last step's weights are kept"
     run("ema_killed", stop_after=2, ema=0.6, calibrate=True)
     resumed = run("ema_killed", resume=True, ema=0.6, calibrate=True)
@@ -190,6 +193,15 @@ def test_weight_average_is_saved_and_the_last_step_resumes(tmp_path):
     uncalibrated = run("ema_nocal", ema=0.6)  # no calibration after training: the routers stay the last step's
     for k, v in uncalibrated.items():
         assert torch.equal(v, w[2][k]) if ".router." in k else torch.allclose(v, averaged[k], atol=1e-6), k
+    # a run saved before the average existed (no "ema" in its saved settings) resumes without one
+    run("old", stop_after=2, ema=0.0, calibrate=True)
+    state_file = tmp_path / "old" / "train_state.safetensors"
+    with safe_open(state_file, "pt") as f:
+        scalars, tensors = json.loads(f.metadata()["scalars"]), {k: f.get_tensor(k) for k in f.keys()}
+    del scalars["train_config"]["ema"]
+    save_file(tensors, state_file, metadata={"scalars": json.dumps(scalars)})
+    for k, v in run("old", resume=True, calibrate=True).items():
+        assert torch.allclose(v, w[2][k], atol=1e-6), k
     with pytest.raises(Exception, match="ema must be"):
         cfg(ema=1.0).check()
 

@@ -77,7 +77,8 @@ def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 96, batch_size
     device = next(fm.model.parameters()).device
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tok(rendered[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tok(rendered[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(device)
             with torch.no_grad(), fm.routing("full"):
                 out = fm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

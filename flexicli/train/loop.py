@@ -277,7 +277,8 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
             raise BadInput("nothing to resume: no checkpoint folder", "start without --resume")
         if (folder / TRAIN_STATE).is_file():
             start, saved_cfg, budget_state, weights = load_training(folder, opt)
-            cfg = TrainConfig.from_dict({**saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
+            # "ema": 0 for runs saved before the weight average existed: they trained without it
+            cfg = TrainConfig.from_dict({"ema": 0.0, **saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
             log(f"resuming at step {start} of {cfg.steps}")
         elif (fm.config.training or {}).get("steps_done"):  # trained, but its training state is gone
             raise BadInput(f"nothing to resume in {folder}: it was trained but has no {TRAIN_STATE}",
@@ -298,8 +299,12 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
     with torch.no_grad():
         if "last" in weights:  # a finished run's checkpoint holds the average: go on from the last step's weights
             torch._foreach_copy_(params, [w.to(p.device, p.dtype) for w, p in zip(weights["last"], params)])
-        ema = None if cfg.ema == 0 else [w.to(p.device, p.dtype) for w, p in zip(weights["ema"], params)] \
-            if "ema" in weights else [p.detach().clone() for p in params]
+        if cfg.ema == 0:
+            ema = None
+        elif "ema" in weights:  # resumed: the average so far
+            ema = [w.to(p.device, p.dtype) for w, p in zip(weights["ema"], params)]
+        else:
+            ema = [p.detach().clone() for p in params]
     fm.state.checkpointing = cfg.gradient_checkpointing
     return _Run(ema=ema, cfg=cfg, dist=dist, device=next(fm.model.parameters()).device, head=logits_fn(fm.model),
                 params=params, routers=routers, opt=opt, budget=budget, start=start,

@@ -58,16 +58,31 @@ def load_training(folder: Path, opt) -> tuple[int, dict, dict, dict[str, list]]:
     with safe_open(path, "pt") as f:
         scalars = json.loads(f.metadata()["scalars"])
         flat = {k: f.get_tensor(k) for k in f.keys()}
-    sd, weights = opt.state_dict(), {}
+    sd = opt.state_dict()
     for key, v in flat.items():
         i, name = key.split(".", 1)
-        if i.isdigit():  # the optimiser's state of parameter i
+        if i.isdigit():  # the optimiser's state of parameter i; the rest are weight lists (_weight_lists)
             sd["state"].setdefault(int(i), {})[name] = v
-        else:  # a weight list: "<list name>.<parameter index>"
-            weights.setdefault(i, {})[int(name)] = v
     opt.load_state_dict(sd)
-    weights = {name: [by_index[j] for j in range(len(by_index))] for name, by_index in weights.items()}
-    return scalars["step"], scalars["train_config"], scalars["budget"], weights
+    return scalars["step"], scalars["train_config"], scalars["budget"], _weight_lists(flat)
+
+
+def saved_weights(folder: Path) -> dict[str, list]:
+    """The weight lists save_training kept in `folder`'s training state ({} if none), e.g. ["last"]: the last step's
+    weights of a run whose checkpoint holds the average, in FlexiModel.trainable_parameters() order."""
+    from safetensors.torch import load_file
+
+    return _weight_lists(load_file(folder / TRAIN_STATE))
+
+
+def _weight_lists(flat: dict) -> dict[str, list]:
+    """{"<list name>.<parameter index>": tensor} entries of a training state as {list name: [tensor, ...]}."""
+    by_name: dict[str, dict[int, torch.Tensor]] = {}
+    for key, v in flat.items():
+        name, i = key.split(".", 1)
+        if not name.isdigit():
+            by_name.setdefault(name, {})[int(i)] = v
+    return {name: [by_index[j] for j in range(len(by_index))] for name, by_index in by_name.items()}
 
 
 def trim_metrics(path: Path, step: int) -> None:
