@@ -18,6 +18,7 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 256
     lr: float = 2e-3  # adapters; routers get lr * router_lr_scale
+    adam_beta2: float = 0.999  # AdamW's second-moment decay: lower answers a burst of large gradients sooner
     router_lr_scale: float = 0.15  # a router's decision is a cliff: small steps keep tokens from flipping en masse
     margin_weight: float | None = None  # > 0: push gates off the threshold (objectives.gate_margin); None: see `margin`
     warmup: int = 20
@@ -77,6 +78,8 @@ class TrainConfig:
             raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
         if self.penalty_start not in ("balance", "zero"):
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise BadInput(f"adam_beta2 must be in (0, 1), not {self.adam_beta2}")
         if not 0.0 <= self.ema < 1.0:
             raise BadInput(f"ema must be in [0, 1), not {self.ema}", "0 turns the weight average off")
         if self.adapter_init not in ("fit", "none"):

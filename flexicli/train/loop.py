@@ -270,7 +270,7 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
     routers = [p for layer in fm.layers for r in layer.routers.values() for p in r.parameters()]
     adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
     opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
-                            lr=cfg.lr, weight_decay=0.0)
+                            lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=0.0)
     start, budget_state, weights = 0, None, {}
     if resume:
         if folder is None:
