@@ -58,7 +58,7 @@ def job(name: str, overrides: dict, seed: int, a: dict) -> dict:
     folder = Path(a["workdir"]) / f"{name}-s{seed}"
     shutil.copytree(a["ckpt"], folder, dirs_exist_ok=True)
     t0 = time.perf_counter()
-    fm = FlexiModel.load(folder, device=a["device"])
+    fm = FlexiModel.load(folder, device=a["device"], dtype="float32")  # as the CPU default trains, also on a GPU
     data = load_file(a["rows"])
     cfg = TrainConfig.from_dict({"skip_target": a["skip_target"], **overrides, "seed": seed})
     summary = train(fm, cfg, rows=data["rows"].long(), heldout=data["heldout"].long(), log=lambda m: None)

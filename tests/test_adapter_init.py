@@ -55,3 +55,17 @@ def test_normed_adapter_output_is_reported_not_fitted():
     report = fit_adapters(fm, rows(8, 16), local_steps=5)
     assert report == {"explained_heldout": {}, "not_fitted": [1]}
     assert all(torch.equal(v, before[k]) for k, v in fm.flexi_state_dict().items())
+
+
+def test_bf16_model_is_fitted():
+    """bf16 is what a CUDA load picks: the least-squares solve runs in fp32 (LU has no bf16 kernel), so the fit works,
+    comes out in the model's dtype and close to the fp32 model's fit. Before: NotImplementedError ("lu_factor" not
+    implemented for 'BFloat16')."""
+    fits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        fm = FlexiModel.wrap(tiny_model("llama").to(dtype), routed_layers=[1], base_model="tiny")
+        fit_adapters(fm, rows(16), local_steps=0)
+        fits[dtype] = fm.layers[0].adapter.down_proj.weight
+    assert fits[torch.bfloat16].dtype == torch.bfloat16
+    w32, w16 = fits[torch.float32], fits[torch.bfloat16].float()
+    assert (w16 - w32).norm() < 0.1 * w32.norm(), ((w16 - w32).norm(), w32.norm())

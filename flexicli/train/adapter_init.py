@@ -54,10 +54,12 @@ def _neuron_init(adapter: nn.Module, mlp: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _ridge_down(adapter: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
-    a = nn.functional.silu(adapter.gate_proj(x)) * adapter.up_proj(x)
+    # solved in fp32 whatever the model's dtype: LU has no bf16 kernel (CPU or CUDA), and a bf16 Gram matrix would
+    # lose the fit anyway
+    a = (nn.functional.silu(adapter.gate_proj(x)) * adapter.up_proj(x)).float()
     gram = a.T @ a
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0])
-    adapter.down_proj.weight.copy_(torch.linalg.solve(gram, a.T @ y).T)
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], device=gram.device)
+    adapter.down_proj.weight.copy_(torch.linalg.solve(gram, a.T @ y.float()).T)
 
 
 def _local_fit(adapter: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 2048):
