@@ -29,7 +29,7 @@ from pathlib import Path
 KEEP = ("kl", "kl_p99", "top1_agreement", "mean_skipped_layers")
 
 
-def make_rows(ckpt: str, out: str, skip_target: float) -> None:
+def make_rows(ckpt: str, out: str) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -38,7 +38,7 @@ def make_rows(ckpt: str, out: str, skip_target: float) -> None:
     from flexicli.train.loop import heldout_rows, training_rows
 
     fm = FlexiModel.load(ckpt)
-    cfg = TrainConfig(skip_target=skip_target)
+    cfg = TrainConfig(skip_target=0)  # the rows depend on the data settings only, not on the budget
     rows, held = training_rows(fm, cfg), heldout_rows(fm, cfg.seq_len)
     save_file({"rows": rows.to(torch.int32).contiguous(), "heldout": held.to(torch.int32).contiguous()}, out)
     print(f"{out}: {tuple(rows.shape)} training rows, {tuple(held.shape)} held-out rows")
@@ -105,7 +105,6 @@ def main(argv=None) -> None:
     r = sub.add_parser("rows")
     r.add_argument("ckpt")
     r.add_argument("out")
-    r.add_argument("--skip-target", type=float, default=4)
     s = sub.add_parser("run")
     s.add_argument("ckpt")
     s.add_argument("rows")
@@ -120,7 +119,7 @@ def main(argv=None) -> None:
     s.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
     if a.verb == "rows":
-        make_rows(a.ckpt, a.out, a.skip_target)
+        make_rows(a.ckpt, a.out)
     else:
         run(a)
 
