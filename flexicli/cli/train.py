@@ -16,7 +16,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch (default 4).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimiser step (default 1).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default 256).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate, cosine schedule with warm-up (default 2e-3).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate, cosine schedule with warm-up (default 1e-3).")
 @click.option("--seed", type=int, default=None)
 @click.option("--objective", type=click.Choice(["kl", "lm"]), default=None, help="kl: distillation (default); lm: FlexiDepth's LM loss + alpha*(sum w)^2.")
 @click.option("--budget", type=click.Choice(["penalty", "threshold", "capacity", "density"]), default=None, help="How the skip target is met. penalty (default): a PI-controlled Lagrange term; capacity: each routed unit is skipped by exactly its share of a batch's tokens (lowest gates), shares following the routers; threshold: the threshold follows the quantile of the router logits; density: the seed paper's regulariser pulling each routed unit's share of running tokens toward one target density.")
