@@ -226,6 +226,15 @@ def test_recipes_load_and_bad_settings_fail():
         cfg(skip_target=5).check(2)
 
 
+def test_cpu_recipe_is_the_defaults_spelled_out():
+    r = load_recipe("smollm2-135m-cpu")
+    default = TrainConfig(skip_target=4)
+    differs = {k: (v, getattr(default, k)) for k, v in r.items()
+               if k != "margin_weight" and getattr(default, k) != v}
+    assert not differs, f"the recipe says it spells out the defaults; it differs in {differs}"
+    assert r["margin_weight"] == default.margin, "the margin in effect under the defaults"
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     fm, rows, _ = setup()
     fm2 = copy.deepcopy(fm)
