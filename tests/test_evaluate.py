@@ -282,3 +282,33 @@ def test_real_exact_conversion_passes_and_damage_fails(smollm2):
     bad = evaluate(fm, data=TEXTS, prompts=PROMPTS[:1], tasks=[], **SMALL)
     assert bad["mean_skipped_layers"] == 15.0 and bad["kl"] > 1.0 and bad["top1_agreement"] < 0.5
     assert bad["greedy_match"] == 0.0 and bad["passed"] is False
+
+
+def test_task_suite_is_full_deterministic_and_scored_as_documented():
+    from flexicli.data.tasks import CATEGORIES, PER_CATEGORY, load_tasks
+
+    tasks = load_tasks()
+    assert [t.category for t in tasks].count("copy") == PER_CATEGORY
+    assert {c: [t.category for t in tasks].count(c) for c in CATEGORIES} == dict.fromkeys(CATEGORIES, PER_CATEGORY)
+    assert load_tasks() == tasks, "the same items every run"
+    two = load_tasks(per_category=2)
+    assert all(sum(t.category == c for t in two) == 2 for c in CATEGORIES) and set(two) <= set(tasks)
+    for t in tasks:
+        if t.category in ("addition", "multiplication"):
+            a, op, b = t.prompt.split("?")[0].split()[-3:]
+            assert int(t.answer) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+    cont = next(t for t in tasks if t.category == "continuation" and t.answer == "blue")
+    assert cont.score("red, yellow, and blue.") == 1.0 and cont.score("bluest green") == 0.0
+
+
+@pytest.mark.real
+def test_real_original_answers_arithmetic_within_its_token_budget(smollm2):
+    """Every category must count towards retention: the original model gets some items right in each arithmetic
+    category at the default answer lengths (at 8 new tokens its sums were cut off before the number, so 0)."""
+    from flexicli.data.tasks import load_tasks
+    from flexicli.evaluation.evaluate import compare_tasks
+
+    model, tok, info = smollm2
+    fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
+    r = compare_tasks(fm, load_tasks(categories=["addition", "multiplication"]), {"mode": "full"}, batch_size=4)
+    assert r["task_scores"]["addition"]["original"] > 0.25 and r["task_scores"]["multiplication"]["original"] > 0.1

@@ -1,5 +1,6 @@
 import click
 
+from ..data.tasks import PER_CATEGORY
 from .common import device_options, emit_json, json_option, model_option, run_with_progress, stderr_console
 
 # The same as evaluate.Thresholds() (a test checks); repeated here so that `--help` needs no torch import.
@@ -38,8 +39,8 @@ class Limit(click.ParamType):
               help="Held-out prompts for greedy-generation agreement (0: skip).")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens generated per prompt.")
-@click.option("--tasks-per-category", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Items of each task category run on both models (0: skip the task suite).")
+@click.option("--tasks-per-category", type=click.IntRange(min=0), default=PER_CATEGORY, show_default=True,
+              help="Items of each task category run on both models (the default is all of them; 0: skip the task suite).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--threshold", type=float, default=None,
               help="Router threshold to evaluate at (default: the checkpoint's own).")
