@@ -32,3 +32,37 @@ def test_chat_text_without_template_keeps_the_tokenizers_bos(adds_bos):
     assert ids == ([2] if adds_bos else []) + [4, 5, 6, 7]
     packed = pack(tok, [chat_text(tok, [{"role": "user", "content": "Tell me"}])], seq_len=2)
     assert packed.tolist() == ([[2, 4], [5, 1]] if adds_bos else [[4, 5]])
+
+
+DOCS = ["Returns the number of elements held in this container right now. Larger containers take longer to scan, "
+        "and the count is exact. It never changes the container and is safe to call from several threads at once, "
+        "which matters when a scheduler polls many of them.\n\nArgs: more text.",
+        "Build a new parser object from the given settings file. The parser keeps the file open until it is closed."]
+
+
+def test_task_prompts_follow_the_suite_formats_without_its_items():
+    from flexicli.data.tasks import load_tasks
+    from flexicli.data.text import task_prompts
+
+    prompts = task_prompts(30, docs=DOCS)
+    assert len(prompts) == len(set(prompts)) == 30 and prompts == task_prompts(30, docs=DOCS)
+    assert not set(prompts) & {t.prompt for t in load_tasks()}, "no suite item is trained on"
+    starts = ("Repeat this sentence exactly", "Write the word", "Summarise in one sentence", "Continue this text",
+              "What is")
+    assert all(p.startswith(starts) for p in prompts) and all(any(p.startswith(s) for p in prompts) for s in starts)
+    assert any("Returns the number of elements held in this container right now." in p for p in prompts)
+    for p in prompts:
+        if p.startswith("What is"):
+            a, op, b = p.split("?")[0].split()[-3:]
+            assert (int(a) >= 10) if op == "+" else (int(a) > 12), "sums and products outside the suite's ranges"
+    assert task_prompts(0, docs=DOCS) == []
+
+
+def test_task_prompts_need_data_the_original_answers():
+    from flexicli.core.errors import BadInput
+    from flexicli.train.config import TrainConfig
+
+    with pytest.raises(BadInput, match="task_prompts"):
+        TrainConfig(skip_target=1, data="docs", task_prompts=10).check()
+    with pytest.raises(BadInput, match="at least 0"):
+        TrainConfig(skip_target=1, task_prompts=-1).check()

@@ -137,6 +137,55 @@ def package_docs(max_chars: int = 1_500_000, min_chars: int = 200) -> list[str]:
     return texts
 
 
+def task_prompts(n: int, seed: int = 0, docs: list[str] | None = None) -> list[str]:
+    """n instructions in the formats of the task suite (flexicli/data/tasks.py: copy, repetition, summarisation,
+    continuation, sums, products), their text taken from package documentation (package_docs) and their numbers
+    outside the suite's ranges, so no suite item is trained on. The original model answers them (selfgen), so the
+    routed model is distilled on following exact instructions, which the template prompts rarely ask for."""
+    import random
+    import re
+
+    if n <= 0:
+        return []
+    docs = package_docs(400_000) if docs is None else docs
+    sentences, paragraphs = [], []
+    for doc in docs:
+        first = " ".join(doc.split("\n\n")[0].split())
+        if 30 <= len(first.split()) <= 90 and _is_prose(first):
+            paragraphs.append(first)
+        for sent in re.split(r"(?<=[.!?])\s+", first):
+            if 6 <= len(sent.split()) <= 24 and _is_prose(sent) and sent.endswith("."):
+                sentences.append(sent)
+    words = sorted({w.lower() for s in sentences for w in s.split() if w.isalpha() and 4 <= len(w) <= 9})
+    if not sentences or not paragraphs or not words:
+        raise BadInput("no package documentation to build task prompts from", "set task_prompts: 0")
+    rng = random.Random(seed)
+    makers = (
+        lambda: f"Repeat this sentence exactly, and nothing else: {rng.choice(sentences)}",
+        lambda: f"Write the word '{rng.choice(words)}' {rng.randint(2, 6)} times, separated by spaces, and nothing else.",
+        lambda: f"Summarise in one sentence: {rng.choice(paragraphs)}",
+        lambda: "Continue this text: " + " ".join(rng.choice(sentences).split()[:rng.randint(3, 6)]),
+        lambda: f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Answer with the number only.",
+        lambda: f"What is {rng.randint(13, 30)} * {rng.randint(2, 9)}? Answer with the number only.",
+    )
+    out: list[str] = []
+    for i in range(50 * n):  # distinct prompts (a short word list repeats): give up long before this on tiny docs
+        prompt = makers[i % len(makers)]()
+        if prompt not in out:
+            out.append(prompt)
+        if len(out) == n:
+            break
+    return out
+
+
+def _is_prose(text: str) -> bool:
+    """Words, not code or markup: mostly letters, no REPL prompts, backticks, braces or argument lists."""
+    if any(mark in text for mark in (">>>", "`", "{", "}", "::", "=", "_", "(", "[", "http")):
+        return False
+    letters = sum(c.isalpha() or c.isspace() for c in text)
+    return letters >= 0.92 * len(text)
+
+
 def heldout_texts(fm, n: int | None = None, progress=None) -> list[str]:
     prompts = heldout_prompts(n)
     return conversations(fm, prompts, teacher_answers(fm, prompts, progress=progress))

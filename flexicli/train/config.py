@@ -46,6 +46,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # measured: peak RSS 1.12x the frozen model's, against 1.60x without (README)
     calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
     selfgen_tokens: int = 96
+    # data selfgen/mix: this many instructions in the task suite's formats, made from package documentation
+    # (text.task_prompts), answered by the original model beside the template prompts. 0: none
+    task_prompts: int = 0
     docs_chars: int = 1_500_000  # data docs/mix: characters of package documentation (~4 per token)
     # > 0: the checkpoint holds an exponential moving average of the trained weights (loop.ema_decay); 0: the last
     # step's weights. Measured on SmolLM2, N = 4, two seeds (docs/results.md): flexi eval KL 0.297 against 0.391 on
@@ -81,6 +84,10 @@ class TrainConfig:
             raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
         if self.penalty_start not in ("balance", "zero"):
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
+        if self.task_prompts < 0:
+            raise BadInput(f"task_prompts must be at least 0, not {self.task_prompts}")
+        if self.task_prompts and self.data not in ("selfgen", "mix"):
+            raise BadInput(f"task_prompts are answered by the original model: data selfgen or mix, not {self.data!r}")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise BadInput(f"adam_beta2 must be in (0, 1), not {self.adam_beta2}")
         if not 0.0 <= self.ema < 1.0:

@@ -41,11 +41,13 @@ def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
 
     prompts = text.builtin_prompts("train")
     if cfg.data in ("selfgen", "mix"):
+        docs_texts = text.package_docs(cfg.docs_chars) if cfg.data == "mix" or cfg.task_prompts else []
+        prompts += text.task_prompts(cfg.task_prompts, docs=docs_texts)
         texts = text.conversations(fm, prompts, text.teacher_answers(fm, prompts, cfg.selfgen_tokens,
                                                                      progress=progress))
         if cfg.data == "mix":  # packed apart (no row straddles the two), the conversations repeated until they
             chat = text.pack(fm.tokenizer, texts, cfg.seq_len)  # are about half the rows: the held-out text and
-            docs = text.pack(fm.tokenizer, text.package_docs(cfg.docs_chars), cfg.seq_len)  # the chat template stay
+            docs = text.pack(fm.tokenizer, docs_texts, cfg.seq_len)  # the chat template stay
             return torch.cat([chat.repeat(max(1, round(docs.shape[0] / chat.shape[0])), 1), docs])  # well covered
     elif cfg.data == "docs":
         texts = text.package_docs(cfg.docs_chars)
