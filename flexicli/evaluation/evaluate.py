@@ -44,7 +44,7 @@ from .scores import correct, flips, retention
 # Defaults chosen so that `flexi eval` on SmolLM2-135M finishes in a few minutes on 2 CPU cores.
 # tasks_per_category: the whole built-in suite (84 items). At 3 per category (21 items) the original SmolLM2 scored
 # 0.27 on average, 0 on all arithmetic (its answers were cut off at 8 tokens), so retention hung on ~6 correct items
-# and one flipped fact moved it by ~0.15 (docs/eval.md)
+# and one flipped item moved it by ~0.15 (docs/eval.md, The verdict)
 DEFAULTS = dict(max_samples=32, seq_len=256, n_prompts=8, new_tokens=32, tasks_per_category=PER_CATEGORY, batch_size=4)
 
 
