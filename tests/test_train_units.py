@@ -11,7 +11,7 @@ from flexicli.core.errors import BadInput
 from flexicli.core.flexi_model import FlexiModel
 from flexicli.train.adapter_init import layer_pairs
 from flexicli.train.budget import BudgetCapacity, BudgetDensity, weighted_quantile
-from flexicli.train.objectives import gate_stats, logits_fn, unit_density
+from flexicli.train.objectives import SKIP_CAP_WEIGHT, gate_stats, logits_fn, skip_cap_loss, unit_density
 from flexicli.train.router_init import target_logits, unit_influence
 from flexicli.train.config import TrainConfig
 from flexicli.train.loop import train, train_step
@@ -159,3 +159,26 @@ def test_capacity_budget_skips_each_units_share_in_layer_equivalents():
     out = train_step(fm, rows[:4], cfg(budget="capacity"), logits_fn(fm.model), 1.0, budget)
     assert out["layer_skip"].tolist() == pytest.approx(shares, abs=1 / 128)  # 4 x 32 tokens each
     assert out["skipped"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_skip_cap_pushes_back_only_units_over_the_cap():
+    d = torch.tensor([0.2, 0.7], requires_grad=True)  # unit 0 skipped by 80% of tokens, unit 1 by 30%
+    loss = skip_cap_loss(d, 0.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.3 * SKIP_CAP_WEIGHT)
+    assert d.grad.tolist() == pytest.approx([-SKIP_CAP_WEIGHT, 0.0])  # descent raises unit 0's density only
+
+
+def test_skip_cap_spreads_the_budget_over_units():
+    """Layer 0's router starts skipping every token (as warm starts leave layers 15-17 of SmolLM2) with the budget
+    met: uncapped, nothing moves it; capped at 0.5, the hinge lifts its gates and the penalty moves skips to layer 1."""
+    rates = {}
+    for cap in (1.0, 0.5):
+        fm, rows, heldout = setup("layer")
+        with torch.no_grad():
+            fm.layers[0].router.bias.fill_(-1.5)  # layer 0 skips all; layer 1's fresh router runs all
+        summary = train(fm, cfg(steps=40, skip_target=1.0, max_skip_share=cap, lr=3e-2), rows=rows,
+                        heldout=heldout, progress=False, log=lambda m: None)
+        rates[cap] = list(summary["per_layer_skip_rate"].values())
+    assert rates[1.0][0] > 0.9, rates
+    assert rates[0.5][0] <= 0.65 and rates[0.5][1] > 0.1, rates

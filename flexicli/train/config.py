@@ -39,6 +39,10 @@ class TrainConfig:
     # early dip of the count and is far better at step 60 (held-out KL 0.246 against 0.386), but ended worse
     # (flexi eval KL 0.303 / top-1 0.760 against 0.234 / 0.788), after a loss spike at step 117; one seed each
     penalty_start: str = "zero"
+    # the most of a micro-batch's tokens one routed unit may skip (a hinge term, objectives.skip_cap_loss); 1: no cap.
+    # Why: with the warm starts the routers settle on skipping layers 15-17 for ~100% of tokens (static removal),
+    # which no token that needs those layers can escape
+    max_skip_share: float = 1.0
     ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
     eval_every: int = 60
     eval_rows: int = 8
@@ -86,6 +90,8 @@ class TrainConfig:
             raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
         if self.penalty_start not in ("balance", "zero"):
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
+        if not 0 < self.max_skip_share <= 1:
+            raise BadInput(f"max_skip_share must be in (0, 1], not {self.max_skip_share}", "1 turns the cap off")
         if self.task_prompts < 0:
             raise BadInput(f"task_prompts must be at least 0, not {self.task_prompts}")
         if self.task_prompts and self.data not in ("selfgen", "mix"):

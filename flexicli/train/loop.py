@@ -26,7 +26,7 @@ from ..core.errors import BadInput
 from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
-from .objectives import distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn, unit_density
+from .objectives import distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn, skip_cap_loss, unit_density
 from .calibration import calibrate_threshold
 from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
@@ -133,7 +133,8 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
         with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
             student_h = decoder(input_ids=batch).last_hidden_state
         skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
-        density = unit_density(fm.state.gates) if budget.kind == "density" else None
+        capped = cfg.max_skip_share < 1
+        density = unit_density(fm.state.gates) if budget.kind == "density" or capped else None
         logits = gate_logits(fm.state.gates)
         margin = gate_margin(fm.state.gates, budget.logit).mean() if cfg.margin else 0.0
     finally:
@@ -141,6 +142,8 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
     if cfg.objective == "kl":
         main, agree = distill_loss(student_h, teacher_h, head)
         extra = budget.loss(target, skipped_st, density) + cfg.margin * margin
+        if capped:
+            extra = extra + skip_cap_loss(density, cfg.max_skip_share)
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()
@@ -353,7 +356,8 @@ def _before_step_0(fm, run: _Run, progress, log) -> None:
     if run.warm:
         from .router_init import warm_start_routers
 
-        reports["router_fit"] = warm_start_routers(fm, rows, cfg.skip_target, progress=stage("routers"))
+        reports["router_fit"] = warm_start_routers(fm, rows, cfg.skip_target, progress=stage("routers"),
+                                                    max_share=cfg.max_skip_share)
         fits = reports["router_fit"]["spearman_heldout"].values()
         log(f"routers warm-started: rank correlation with {unit_word} influence {min(fits):.2f}..{max(fits):.2f} "
             "(tokens not fitted on)")

@@ -85,6 +85,16 @@ def unit_density(gates) -> torch.Tensor:
     return (run + w - w.detach()).mean(dim=(0, 1))
 
 
+# The cap's weight per unit of excess share: ~7x the penalty's balance multiplier (0.06-0.15 on SmolLM2, loop.
+# penalty_balance), so a capped unit's tokens return to running while the penalty moves the skips elsewhere.
+SKIP_CAP_WEIGHT = 1.0
+
+
+def skip_cap_loss(density: torch.Tensor, max_share: float) -> torch.Tensor:
+    """A hinge on each unit's share of tokens that skip it (1 - density, straight-through) above `max_share`."""
+    return SKIP_CAP_WEIGHT * torch.relu(1 - density - max_share).sum()
+
+
 def gate_margin(gates, center: float, width: float = 1.0) -> torch.Tensor:
     """Per token, summed over routed layers: how far a gate sits on the wrong side of `center +- width` (in logit
     space) for its decision: a running token's logit should be above center + width, a skipping token's below

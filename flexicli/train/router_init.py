@@ -44,12 +44,18 @@ def unit_influence(fm, rows: torch.Tensor, batch_size: int = 8) -> tuple[list[to
     return [z for z, _ in per_unit], torch.stack([s for _, s in per_unit], dim=-1)
 
 
-def target_logits(influence: torch.Tensor, skip_target: float, costs=None, spread: float = 1.0) -> torch.Tensor:
+def target_logits(influence: torch.Tensor, skip_target: float, costs=None, spread: float = 1.0,
+                  max_share: float = 1.0) -> torch.Tensor:
     """Pooled rank of influence per layer-equivalent -> normal quantile, shifted so that the (token, unit) pairs
     below 0 are worth skip_target layer-equivalents per token (a share skip_target / units of them when every unit
-    costs 1). costs: per unit (FlexiModel.unit_costs), None for all 1."""
+    costs 1). costs: per unit (FlexiModel.unit_costs), None for all 1. max_share < 1: no unit is asked to skip more
+    than that share of the tokens (its other tokens rank above every pair within the cap, in their own order), so
+    the budget goes to the next-cheapest pairs of other units instead."""
     cost = unequal_costs(costs)
     score = influence if cost is None else influence / cost.to(influence.dtype)
+    if max_share < 1:
+        within = score.argsort(0).argsort(0)  # each token's rank inside its own unit
+        score = score + (within >= int(max_share * score.shape[0])).to(score.dtype) * (score.max() - score.min() + 1)
     flat = score.flatten()
     u = (flat.argsort().argsort().float() + 0.5) / flat.numel()
     if cost is None:
@@ -88,12 +94,13 @@ def fit_router(router: nn.Module, z: torch.Tensor, target: torch.Tensor, steps: 
     return float(torch.corrcoef(torch.stack([ranks(pred.cpu()), ranks(target[cut:].cpu())]))[0, 1])
 
 
-def warm_start_routers(fm, rows: torch.Tensor, skip_target: float, max_tokens: int = 4096, progress=None) -> dict:
+def warm_start_routers(fm, rows: torch.Tensor, skip_target: float, max_tokens: int = 4096, progress=None,
+                       max_share: float = 1.0) -> dict:
     """Fit every routed unit's router as described above on about `max_tokens` tokens of training rows. Returns
     per unit (keys as FlexiModel.unit_labels: '17', '17.attn') held-out fit quality (Spearman) and the skip rates the
-    targets ask for."""
+    targets ask for. max_share: target_logits'."""
     zs, influence = unit_influence(fm, rows[:max(1, max_tokens // rows.shape[1])])
-    targets = target_logits(influence, skip_target, fm.unit_costs)
+    targets = target_logits(influence, skip_target, fm.unit_costs, max_share=max_share)
     routers = [layer.routers[unit] for layer in fm.layers for unit in layer.units]
     fits = {}
     for i, (label, router) in enumerate(zip(fm.unit_labels, routers, strict=True)):
