@@ -312,3 +312,26 @@ def test_real_original_answers_arithmetic_within_its_token_budget(smollm2):
     fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
     r = compare_tasks(fm, load_tasks(categories=["addition", "multiplication"]), {"mode": "full"}, batch_size=4)
     assert r["task_scores"]["addition"]["original"] > 0.25 and r["task_scores"]["multiplication"]["original"] > 0.1
+
+
+def test_answer_agreement_is_per_token_greedy_agreement():
+    """compare_answers scores the routed model on the original's own greedy answers: exact at birth (KL 0, every
+    top-1 agrees), and on a damaged model top-1 agreement is 1 exactly where the routed greedy answer is the
+    original's (greedy decoding picks the top-1 token given the same prefix)."""
+    from flexicli.evaluation.evaluate import compare_answers
+
+    fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[0, 1], base_model="tiny")
+    prompts = [s[: len(s) // 2] for s in sequences()]
+    answers = generate_ids(fm, prompts, 8, {"mode": "full"})
+    exact = compare_answers(fm, list(zip(prompts, answers)), {"mode": "routed"}, batch_size=2)
+    assert exact["task_answer_kl"] == pytest.approx(0.0, abs=1e-6) and exact["task_answer_top1"] == 1.0
+    assert exact["task_answer_tokens"] == sum(map(len, answers))
+    damage(fm)
+    routed = generate_ids(fm, prompts, 8, {"mode": "routed"})
+    for p, a, r in zip(prompts, answers, routed):
+        if not a:  # the original stopped at once: nothing to score (compare_answers leaves it out)
+            assert compare_answers(fm, [(p, a)], {"mode": "routed"}, batch_size=1) == {}
+            continue
+        one = compare_answers(fm, [(p, a)], {"mode": "routed"}, batch_size=1)
+        assert (one["task_answer_top1"] == 1.0) == (r[:len(a)] == a), (a, r)
+    assert compare_answers(fm, list(zip(prompts, answers)), {"mode": "routed"}, batch_size=2)["task_answer_kl"] > 0

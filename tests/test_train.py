@@ -95,6 +95,9 @@ def test_capacity_skips_exactly_the_share_at_every_step(tmp_path):
     for rec in steps[1:]:
         # per layer round(share * tokens) tokens skip, so the count is the target to within rounding
         assert rec["mean_skipped_layers"] == pytest.approx(rec["target"], abs=2 / tokens + 1e-6), rec
+        # each unit's logged skip rate: they add up to the count (every unit costs one layer here)
+        assert list(rec["unit_skip_rate"]) == fm.unit_labels
+        assert sum(rec["unit_skip_rate"].values()) == pytest.approx(rec["mean_skipped_layers"], abs=2e-3), rec
 
 
 def test_capacity_decisions_pick_the_lowest_gates_and_break_ties():

@@ -203,6 +203,9 @@ def _print_report(r: dict) -> None:
         tasks.add_row("all", "", _fmt(r["task_score_original"]), _fmt(r["task_score_routed"]),
                       _fmt(r["retention"], True))
         out.print(tasks)
+    if r.get("task_answer_tokens"):
+        out.print(f"on the original's answers ({r['task_answer_tokens']} tokens, teacher-forced): KL "
+                  f"{_fmt(r['task_answer_kl'])}, top-1 agreement {_fmt(r['task_answer_top1'], True)}")
     if r.get("task_flips"):
         f = r["task_flips"]
         out.print(f"task suite flips (item correct: score >= 0.5): {_fmt(f['flips'], True)} of {f['items']} items "

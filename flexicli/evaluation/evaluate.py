@@ -355,9 +355,39 @@ def compare_greedy(fm, prompts: list[list[int]], new_tokens: int, routing: dict,
             "greedy_prompts": len(prompts), "greedy_new_tokens": new_tokens}
 
 
+def compare_answers(fm, pairs: list[tuple[list[int], list[int]]], routing: dict, batch_size: int) -> dict:
+    """Teacher-forced on (prompt, the original's greedy answer) pairs: KL and top-1 agreement at the positions that
+    predict the answer's tokens. The routed greedy answer equals the original's iff top-1 agrees at all of them, so
+    this measures what task retention measures, per token instead of per item: far less noise on 84 items."""
+    device = next(fm.model.parameters()).device
+    acc, pairs = _Agreement(), [(p, a) for p, a in pairs if a]
+    for batch in _batches(pairs, batch_size):
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), pad_id(fm.model, fm.tokenizer), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (p, a) in enumerate(batch):
+            ids[row, :len(p) + len(a)], mask[row, :len(p) + len(a)] = torch.tensor(p + a), 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            with fm.routing("full"):
+                t_logits = fm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with fm.routing(**routing):
+                s_logits = fm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for row, (p, a) in enumerate(batch):  # position i predicts token i + 1: the answer from the prompt's last
+            span = slice(len(p) - 1, len(p) + len(a) - 1)
+            acc.add(t_logits[row, span], s_logits[row, span])
+    if not pairs:
+        return {}
+    r = acc.result()
+    return {"task_answer_kl": r["kl"], "task_answer_top1": r["top1_agreement"],
+            "task_answer_tokens": sum(len(a) for _, a in pairs)}
+
+
 def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None) -> dict:
-    """The task suite on both models; each category's batches use that category's answer length."""
+    """The task suite on both models; each category's batches use that category's answer length. Also
+    compare_answers on the original's answers."""
     scores: dict[str, dict[str, list[float]]] = {}
+    answers: list[tuple[list[int], list[int]]] = []
     by_category: dict[str, list] = {}
     for task in tasks:
         by_category.setdefault(task.category, []).append(task)
@@ -366,6 +396,8 @@ def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None) ->
             prompts = [prompt_ids(fm.tokenizer, t.prompt, chat=True) for t in batch]
             for name, mode in (("original", {"mode": "full"}), ("routed", routing)):
                 outs = generate_ids(fm, prompts, batch[0].max_new_tokens, mode)
+                if name == "original":
+                    answers += zip(prompts, outs)
                 texts = fm.tokenizer.batch_decode(outs, skip_special_tokens=True)
                 scores.setdefault(category, {"original": [], "routed": []})[name] += [
                     t.score(x) for t, x in zip(batch, texts)]
@@ -378,7 +410,8 @@ def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None) ->
     everything = {k: [x for s in scores.values() for x in s[k]] for k in ("original", "routed")}
     return {"retention": retention(everything["original"], everything["routed"]),
             "task_score_original": _mean(everything["original"]), "task_score_routed": _mean(everything["routed"]),
-            "task_scores": per_category, "task_flips": _item_flips(everything["original"], everything["routed"])}
+            "task_scores": per_category, "task_flips": _item_flips(everything["original"], everything["routed"]),
+            **compare_answers(fm, answers, routing, batch_size)}
 
 
 def _item_flips(original: Sequence[float], routed: Sequence[float]) -> dict:
