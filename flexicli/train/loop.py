@@ -419,8 +419,8 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
                "tokens_per_s": tokens / (time.perf_counter() - t0),
                # per routed unit, the share of tokens that skipped it (rank 0's micro-batches when distributed): the
                # count alone hides whether skips spread over units or settle into static removal of a few layers
-               "unit_skip_rate": dict(zip(fm.unit_labels, (sum(s["layer_skip"] for s in stats) / len(stats))
-                                          .mul(1000).round().div(1000).tolist()))}
+               "unit_skip_rate": dict(zip(fm.unit_labels, [round(x, 3) for x in
+                                                           (sum(s["layer_skip"] for s in stats) / len(stats)).tolist()]))}
         if run.heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             rec["heldout"] = heldout_metrics(fm, run.heldout[: cfg.eval_rows])
         if metrics_path and dist.is_main:  # distributed: rank 0 writes
