@@ -199,3 +199,5 @@ def test_skip_cap_in_training_lifts_a_unit_over_the_cap():
 def test_skip_cap_outside_its_range_is_refused(bad):
     with pytest.raises(BadInput, match="max_skip_share must be in"):
         cfg(max_skip_share=bad).check()
+    with pytest.raises(BadInput, match="max_skip_share applies to objective kl"):
+        cfg(max_skip_share=0.5, objective="lm").check()

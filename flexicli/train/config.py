@@ -94,6 +94,8 @@ class TrainConfig:
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
         if not 0 < self.max_skip_share <= 1:
             raise BadInput(f"max_skip_share must be in (0, 1], not {self.max_skip_share}", "1 turns the cap off")
+        if self.max_skip_share < 1 and self.objective != "kl":
+            raise BadInput(f"max_skip_share applies to objective kl, not {self.objective!r}", "drop it or use kl")
         if self.task_prompts < 0:
             raise BadInput(f"task_prompts must be at least 0, not {self.task_prompts}")
         if self.task_prompts and self.data not in ("selfgen", "mix"):

@@ -26,7 +26,8 @@ from ..core.errors import BadInput
 from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
-from .objectives import distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn, skip_cap_loss, unit_density
+from .objectives import (distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn, skip_cap_loss,
+                         unit_density)
 from .calibration import calibrate_threshold
 from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
@@ -413,14 +414,14 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
             budget.after_step(target, skipped, [dist.gather(s["logits"]) for s in stats])
             fm.set_threshold(budget.threshold)
         tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        unit_rates = (sum(s["layer_skip"] for s in stats) / len(stats)).tolist()
         rec = {"step": step + 1, "loss": sum(s["loss"] for s in stats) / len(stats),
                "top1_agreement": sum(s["agree"] for s in stats) / len(stats), "mean_skipped_layers": skipped,
                "target": target, "threshold": fm.state.threshold, **budget.log(), "lr": lr_at(step, cfg),
                "tokens_per_s": tokens / (time.perf_counter() - t0),
                # per routed unit, the share of tokens that skipped it (rank 0's micro-batches when distributed): the
                # count alone hides whether skips spread over units or settle into static removal of a few layers
-               "unit_skip_rate": dict(zip(fm.unit_labels, [round(x, 3) for x in
-                                                           (sum(s["layer_skip"] for s in stats) / len(stats)).tolist()]))}
+               "unit_skip_rate": dict(zip(fm.unit_labels, [round(x, 3) for x in unit_rates]))}
         if run.heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             rec["heldout"] = heldout_metrics(fm, run.heldout[: cfg.eval_rows])
         if metrics_path and dist.is_main:  # distributed: rank 0 writes
