@@ -239,6 +239,16 @@ def _batches(items: list, size: int):
 
 
 # ---- the three comparisons ----------------------------------------------------------------------------------
+def _right_padded(fm, seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences as one right-padded batch on `device`: ids and a boolean mask of the real tokens."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id(fm.model, fm.tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)], mask[row, :len(s)] = torch.tensor(s), True
+    return ids.to(device), mask.to(device)
+
+
 class _Agreement:
     """Accumulates KL(original || other) and top-1 agreement over scored positions."""
 
@@ -270,12 +280,7 @@ def compare_teacher_forced(fm, seqs: list[list[int]], routing: dict, batch_size:
     scored, skipped, tokens = 0, torch.zeros(n_routed, dtype=torch.long), 0
     seqs = sorted(seqs, key=len, reverse=True)  # similar lengths together: less padding
     for batch in _batches(seqs, batch_size):
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad_id(fm.model, fm.tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, s in enumerate(batch):
-            ids[row, :len(s)], mask[row, :len(s)] = torch.tensor(s), True
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = _right_padded(fm, batch, device)
         lengths = [int(mask[row].sum()) - 1 for row in range(len(batch))]  # positions predicting a next token
 
         def forward():
@@ -362,17 +367,12 @@ def compare_answers(fm, pairs: list[tuple[list[int], list[int]]], routing: dict,
     device = next(fm.model.parameters()).device
     acc, pairs = _Agreement(), [(p, a) for p, a in pairs if a]
     for batch in _batches(pairs, batch_size):
-        width = max(len(p) + len(a) for p, a in batch)
-        ids = torch.full((len(batch), width), pad_id(fm.model, fm.tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (p, a) in enumerate(batch):
-            ids[row, :len(p) + len(a)], mask[row, :len(p) + len(a)] = torch.tensor(p + a), 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = _right_padded(fm, [p + a for p, a in batch], device)
         with torch.no_grad():
             with fm.routing("full"):
-                t_logits = fm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                t_logits = fm.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
             with fm.routing(**routing):
-                s_logits = fm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                s_logits = fm.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
         for row, (p, a) in enumerate(batch):  # position i predicts token i + 1: the answer from the prompt's last
             span = slice(len(p) - 1, len(p) + len(a) - 1)
             acc.add(t_logits[row, span], s_logits[row, span])
