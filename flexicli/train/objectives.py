@@ -25,6 +25,8 @@ def logits_fn(model):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     fn.chunk = max(16, CHUNK_BYTES // (4 * head.weight.shape[0]))
+    # what the fused KL (_FusedKL) needs to apply the head itself: a plain frozen Linear (every family's head)
+    fn.linear = (head.weight, head.bias, cap) if isinstance(head, torch.nn.Linear) else None
     return fn
 
 
@@ -36,11 +38,53 @@ def _kl_chunk(s_h, t_h, head):
     return (t.exp() * (t - s)).sum(), agree
 
 
+class _FusedKL(torch.autograd.Function):
+    """Mean KL(teacher || student) over tokens [N, hidden] and the top-1 agreement, with the gradient for the student's
+    hidden states computed in the same pass over token chunks: d KL / d logits = softmax(s) - softmax(t) (times
+    1 - tanh^2 under soft-capping), then through the frozen head once. Checkpointed autograd instead applies the head
+    five times a chunk (teacher and student in forward, both again in the recompute, the student's backward) and
+    takes each log-softmax twice: measured on SmolLM2's head (49152 x 576) at 1024 tokens, 1 CPU thread, the loss
+    with its backward took 5.2 s against 8.8 s, about a third of a training step."""
+
+    @staticmethod
+    def forward(ctx, s, t, weight, bias, cap, chunk):
+        grad = torch.empty_like(s)
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        agree = torch.zeros((), dtype=torch.long, device=s.device)
+        for i in range(0, s.shape[0], chunk):
+            zs = F.linear(s[i:i + chunk], weight, bias).float()
+            zt = F.linear(t[i:i + chunk], weight, bias).float()
+            if cap:
+                zs, zt = torch.tanh(zs / cap) * cap, torch.tanh(zt / cap) * cap
+            s_lp, t_lp = F.log_softmax(zs, dim=-1), F.log_softmax(zt, dim=-1)
+            p = t_lp.exp()
+            total += (p * (t_lp - s_lp)).sum()
+            agree += (zs.argmax(-1) == zt.argmax(-1)).sum()
+            g = s_lp.exp_().sub_(p)  # d sum(KL) / d (capped) logits
+            if cap:
+                g *= 1 - (zs / cap).square()
+            grad[i:i + chunk] = g.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        n = s.shape[0]
+        agree = agree.float() / n
+        ctx.mark_non_differentiable(agree)
+        return total / n, agree
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_agree):
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_loss / grad.shape[0]).to(grad.dtype), None, None, None, None, None
+
+
 def distill_loss(student_h, teacher_h, head, chunk: int | None = None):
-    """Mean KL(teacher || student) per token and the top-1 agreement, computed over token chunks with
-    checkpointing, so full-vocabulary logits of the whole batch never sit in memory at once."""
+    """Mean KL(teacher || student) per token and the top-1 agreement, computed over token chunks, so full-vocabulary
+    logits of the whole batch never sit in memory at once: fused with its gradient (_FusedKL) when the head is a
+    frozen Linear, else with checkpointing."""
     s, t = student_h.reshape(-1, student_h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1])
     total, agree, chunk = 0.0, 0, chunk or getattr(head, "chunk", 512)
+    linear = getattr(head, "linear", None)
+    if s.requires_grad and linear is not None and not any(p is not None and p.requires_grad for p in linear[:2]):
+        return _FusedKL.apply(s, t.detach(), *linear, chunk)
     for i in range(0, s.shape[0], chunk):
         if s.requires_grad:
             kl, a = checkpoint(_kl_chunk, s[i:i + chunk], t[i:i + chunk], head, use_reentrant=False)
