@@ -450,3 +450,29 @@ def test_train_with_the_penalty_started_at_its_balance_records_it():
     assert 0 < summary["penalty_start"] <= 1.0 and fm.config.training["penalty_start"] == summary["penalty_start"]
     with pytest.raises(Exception, match="penalty_start must be"):
         cfg(penalty_start="half").check()
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_teacher_cache_computes_a_repeated_row_once(lazy):
+    """`mix` repeats its conversations: a repeated row is one teacher pass, and every copy reads the same values
+    (by lookup, and by row number in .prefix / .final for an eager cache)."""
+    from flexicli.train.teacher import TeacherCache
+
+    fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[1], base_model="tiny")
+    base = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([base, base[[1, 0]]])  # rows 3 and 4 repeat rows 1 and 0
+    calls = []
+    cache = TeacherCache.__new__(TeacherCache)
+    fill = TeacherCache._fill
+    TeacherCache._fill = lambda self, idx: (calls.append(idx.tolist()), fill(self, idx))[1]
+    try:
+        cache.__init__(fm, rows, batch_size=2, lazy=lazy)
+        prefix, final = cache.lookup(torch.tensor([3, 4, 1, 0, 2]), "cpu")
+    finally:
+        TeacherCache._fill = fill
+    assert sorted(i for c in calls for i in c) == [0, 1, 2]  # each distinct row once
+    fresh = TeacherCache(fm, base)
+    torch.testing.assert_close(prefix, fresh.prefix[[1, 0, 1, 0, 2]])
+    torch.testing.assert_close(final, fresh.final[[1, 0, 1, 0, 2]])
+    if not lazy:
+        torch.testing.assert_close(cache.final[3:], fresh.final[[1, 0]])

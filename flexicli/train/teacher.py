@@ -99,14 +99,25 @@ class TeacherCache:
         ref = next(fm.model.parameters())
         shape = (*rows.shape, fm.config.hidden_size)
         self.fm, self.rows = fm, rows
+        # identical rows share one entry: `mix` repeats its conversations until they are half the rows (loop.
+        # training_rows), so without this a run computes the teacher again for each copy it reaches
+        _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), rows.shape[0], dtype=torch.long)
+        self.canonical = first.scatter_reduce(0, inverse, torch.arange(rows.shape[0]), "amin")[inverse]
         self.prefix = torch.empty(shape, dtype=ref.dtype)
         self.final = torch.empty(shape, dtype=ref.dtype)
         self.filled = torch.zeros(rows.shape[0], dtype=torch.bool)
         if not lazy:
             for i in range(0, rows.shape[0], batch_size):
-                self._fill(torch.arange(i, min(i + batch_size, rows.shape[0])))
+                todo = self.canonical[i:i + batch_size].unique()
+                if (todo := todo[~self.filled[todo]]).numel():
+                    self._fill(todo)
                 if progress:
                     progress(min(i + batch_size, rows.shape[0]), rows.shape[0])
+            copies = (self.canonical != torch.arange(rows.shape[0])).nonzero().squeeze(1)
+            for part in (self.prefix, self.final):  # .prefix and .final are read by row number (calibration)
+                part[copies] = part[self.canonical[copies]]
+            self.filled[copies] = True
 
     @torch.no_grad()
     def _fill(self, idx: torch.Tensor) -> None:
@@ -129,6 +140,7 @@ class TeacherCache:
             grab.remove()
 
     def lookup(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.canonical[idx]
         missing = idx[~self.filled[idx]].unique()
         if missing.numel():
             self._fill(missing)
