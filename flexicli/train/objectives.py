@@ -56,13 +56,17 @@ class _FusedKL(torch.autograd.Function):
             zt = F.linear(t[i:i + chunk], weight, bias).float()
             if cap:
                 zs, zt = torch.tanh(zs / cap) * cap, torch.tanh(zt / cap) * cap
-            s_lp, t_lp = F.log_softmax(zs, dim=-1), F.log_softmax(zt, dim=-1)
-            p = t_lp.exp()
-            total += (p * (t_lp - s_lp)).sum()
             agree += (zs.argmax(-1) == zt.argmax(-1)).sum()
+            t_lp = F.log_softmax(zt, dim=-1)
+            del zt  # in place from here on: a chunk holds at most four vocabulary-wide tensors
+            p = t_lp.exp()
+            s_lp = F.log_softmax(zs, dim=-1)
+            total += t_lp.sub_(s_lp).mul_(p).sum()
+            del t_lp
             g = s_lp.exp_().sub_(p)  # d sum(KL) / d (capped) logits
             if cap:
                 g *= 1 - (zs / cap).square()
+            del zs, p
             grad[i:i + chunk] = g.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         n = s.shape[0]
