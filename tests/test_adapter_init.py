@@ -18,14 +18,14 @@ def rows(n=24, t=32, seed=0):
 
 def test_pairs_are_the_layer_update_seen_from_the_adapter_input():
     fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[1], base_model="tiny")
-    x = rows(2, 8)
-    xs, ys = layer_pairs(fm, x)
+    x = rows(3, 8)
+    xs, ys = layer_pairs(fm, x, batch_size=2)  # two batches of unequal size, filled in row order
     layer = fm.layers[0].base_layer
     with torch.no_grad(), fm.routing("full"):  # independently: the residual stream entering layer 1, and layer 1
         h_in = fm.model(x, output_hidden_states=True).hidden_states[1]  # run by hand on it
-        pos = torch.arange(8)[None].expand(2, 8)
+        pos = torch.arange(8)[None].expand(3, 8)
         rope = fm.model.model.rotary_emb(h_in, pos)
-        mask = torch.full((8, 8), float("-inf")).triu(1)[None, None].expand(2, 1, 8, 8)
+        mask = torch.full((8, 8), float("-inf")).triu(1)[None, None].expand(3, 1, 8, 8)
         h_out = layer(h_in, attention_mask=mask, position_ids=pos, position_embeddings=rope, cache=None)
         h_out = h_out[0] if isinstance(h_out, tuple) else h_out
     assert torch.allclose(xs[0], layer.post_attention_layernorm(h_in).flatten(0, 1), atol=1e-6)

@@ -60,9 +60,13 @@ def _mlp_entry(layer) -> nn.Module:
 def around_routed_layers(fm, rows: torch.Tensor, grab, batch_size: int = 8) -> list[list[torch.Tensor]]:
     """Run the original model (routing off) over `rows`; at every routed layer call grab(layer, h_in, h_mid, h_out)
     with the residual stream entering it, after its attention and leaving it ([tokens, hidden] each) and keep what
-    it returns (a tuple of tensors). Returns, per routed layer, each returned tensor concatenated over all tokens."""
+    it returns (tensors whose first dimension is the tokens). Returns, per routed layer, each returned tensor over all
+    tokens (float32, CPU)."""
     device = next(fm.model.parameters()).device
-    got = [[] for _ in fm.layers]
+    # filled in place, batch by batch: collecting the batches and concatenating them at the end held everything
+    # twice, and this is the largest thing a training run holds (the warm starts: ~1 GB on SmolLM2)
+    got: list[list[torch.Tensor] | None] = [None for _ in fm.layers]
+    filled = [0 for _ in fm.layers]
     mids = [None for _ in fm.layers]
     handles = []
     for i, layer in enumerate(fm.layers):
@@ -72,7 +76,13 @@ def around_routed_layers(fm, rows: torch.Tensor, grab, batch_size: int = 8) -> l
         def hook(module, args, kwargs, out, i=i):
             h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
             h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
-            got[i].append(tuple(x.float().cpu() for x in grab(module, h_in, mids[i].flatten(0, 1), h_out)))
+            parts = [x.float().cpu() for x in grab(module, h_in, mids[i].flatten(0, 1), h_out)]
+            if got[i] is None:
+                got[i] = [torch.empty((rows.numel(), *x.shape[1:])) for x in parts]
+            n = parts[0].shape[0]
+            for buf, x in zip(got[i], parts, strict=True):
+                buf[filled[i]:filled[i] + n] = x
+            filled[i] += n
         handles.append(_mlp_entry(layer).register_forward_pre_hook(at_mlp, with_kwargs=True))
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
@@ -82,7 +92,9 @@ def around_routed_layers(fm, rows: torch.Tensor, grab, batch_size: int = 8) -> l
     finally:
         for h in handles:
             h.remove()
-    return [[torch.cat(parts) for parts in zip(*per_layer)] for per_layer in got]
+    if filled != [rows.numel()] * len(fm.layers):  # a layer that saw other tokens than the rows hold: say so
+        raise RuntimeError(f"routed layers saw {filled} tokens, expected {rows.numel()} each")
+    return got
 
 
 def cache_bytes(fm, rows: torch.Tensor) -> int:
