@@ -9,6 +9,7 @@ from conftest import tiny_model
 from flexicli.train.budget import BudgetPenalty
 from flexicli.train.objectives import gate_margin
 from flexicli.core.flexi_model import FlexiModel
+from flexicli.core.routed_layer import threshold_logit, threshold_of
 from flexicli.train.config import TrainConfig, load_recipe
 from flexicli.train.loop import batch_indices, train
 
@@ -266,6 +267,30 @@ def test_threshold_calibration_hits_the_target():
     tau = calibrate_threshold(fm, rows, 1.0, iters=12)
     with fm.routing(threshold=tau):
         assert abs(heldout_metrics(fm, rows)["mean_skipped_layers"] - 1.0) < 0.1
+
+
+def test_threshold_calibration_from_a_near_start_takes_few_probes(monkeypatch):
+    """Started at a threshold near the answer (a trained one), the search brackets the target in a step or two and
+    stops at the first probe within tolerance; a target beyond reach ends at the end of the range."""
+    from flexicli.train import calibration
+
+    fm, rows, _ = setup()
+    for layer in fm.layers:
+        torch.nn.init.normal_(layer.router.head.weight, std=2.0)
+        layer.router.bias.data.zero_()
+    probes = []
+    real = calibration.mean_skipped
+    monkeypatch.setattr(calibration, "mean_skipped", lambda *a, **k: probes.append(real(*a, **k)) or probes[-1])
+    far = calibration.calibrate_threshold(fm, rows, 1.0, tol=0.01, start=1e-6)
+    n_far, probes[:] = len(probes), []
+    near = calibration.calibrate_threshold(fm, rows, 1.0, tol=0.01, start=far)
+    assert abs(probes[-1] - 1.0) <= 0.01 and len(probes) == 1 and near == pytest.approx(far)  # the answer: one probe
+    probes[:] = []
+    calibration.calibrate_threshold(fm, rows, 1.0, tol=0.01, start=threshold_of(threshold_logit(far) + 0.3))
+    assert abs(probes[-1] - 1.0) <= 0.01 and len(probes) < n_far
+    probes[:] = []
+    assert calibration.calibrate_threshold(fm, rows, 5.0, start=0.5) == threshold_of(16.0)  # 2 routed layers
+    assert len(probes) < 16
 
 
 def test_mean_skipped_from_cached_prefix_equals_full_pass():

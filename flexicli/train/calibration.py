@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 
 from ..core.flexi_model import decoder_of
-from ..core.routed_layer import threshold_of
+from ..core.routed_layer import threshold_logit, threshold_of
 
 
 @torch.no_grad()
@@ -28,17 +28,33 @@ def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8, prefix: torch.Tens
     return skipped / rows.numel()
 
 
-def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16) -> float:
-    """Bisect the threshold so that held-out mean skipped layers == target (more threshold = more skipping). In logit
-    space: trained thresholds can sit close to 0 or 1, where bisecting w itself runs out of resolution. The unrouted
-    layers before the first routed one run once, not once per iteration."""
+def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16, tol: float = 0.02,
+                        start: float = 0.5) -> float:
+    """The threshold at which held-out mean skipped layers == target within `tol` (more threshold = more skipping).
+    Searched in logit space (trained thresholds can sit close to 0 or 1, where w itself runs out of resolution):
+    from `start` (the trained threshold, usually near the answer) outward in doubling steps until the target is
+    bracketed, then by bisection; each probe is one routed pass over `rows`, at most `iters` of them, and the search
+    stops at the first probe within `tol`. The unrouted layers before the first routed one run once, not per probe."""
     from .teacher import TeacherCache
 
     prefix = TeacherCache(fm, rows).prefix
-    lo, hi = -16.0, 16.0
+    lo, hi = -16.0, 16.0  # logits; the count is monotone in the threshold
+    below = above = False  # whether lo / hi have been probed (else they are only the search's bounds)
+    x, step = min(max(threshold_logit(start), lo), hi), 0.25
     for _ in range(iters):
-        mid = (lo + hi) / 2
-        with fm.routing(threshold=threshold_of(mid)):
+        with fm.routing(threshold=threshold_of(x)):
             skipped = mean_skipped(fm, rows, prefix=prefix)
-        lo, hi = (mid, hi) if skipped < target else (lo, mid)
+        if abs(skipped - target) <= tol:
+            return threshold_of(x)
+        if skipped < target:
+            lo, below = x, True
+        else:
+            hi, above = x, True
+        if lo >= hi:  # the target lies beyond the end of the range: no threshold gets closer
+            break
+        if below and above:
+            x = (lo + hi) / 2
+        else:  # not bracketed yet: step outward from the last probe, towards the target
+            x = min(max(x + (step if skipped < target else -step), lo), hi)
+            step *= 2
     return threshold_of((lo + hi) / 2)

@@ -465,7 +465,7 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
         final = heldout_metrics(fm, run.heldout)
         summary["trained_threshold_skipped"] = final["mean_skipped_layers"]
         if cfg.calibrate and abs(final["mean_skipped_layers"] - cfg.skip_target) > 0.1:
-            fm.set_threshold(calibrate_threshold(fm, run.heldout, cfg.skip_target))
+            fm.set_threshold(calibrate_threshold(fm, run.heldout, cfg.skip_target, start=fm.config.threshold))
             final = heldout_metrics(fm, run.heldout)
         summary.update(final, threshold=fm.config.threshold)
         if fm.tokenizer is not None:
