@@ -56,11 +56,12 @@ def bos_text(tokenizer) -> str:
     return bos if ids and ids[0] == bos_id else ""
 
 
-def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 96, batch_size: int = 32,
+def teacher_answers(fm, prompts: list[str], max_new_tokens: int = 96, batch_size: int = 64,
                     progress=None) -> list[str]:
     """The original model's greedy answers (routing off), cached by base fingerprint, the prompts as the model reads
     them (so a change in how a prompt is rendered, such as its BOS, never reuses answers to the old text) and
-    length."""
+    length. batch_size 64: decoding is matrix products of batch x hidden, faster per token in bigger batches (SmolLM2
+    on 2 CPU threads, 64 prompts x 96 tokens: 128 tokens/s against 108 at 32)."""
     from ..core.base_model import cache_dir
 
     tok = fm.tokenizer
