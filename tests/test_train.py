@@ -291,6 +291,12 @@ def test_threshold_calibration_from_a_near_start_takes_few_probes(monkeypatch):
     probes[:] = []
     assert calibration.calibrate_threshold(fm, rows, 5.0, start=0.5) == threshold_of(16.0)  # 2 routed layers
     assert len(probes) < 16
+    for layer in fm.layers:  # every token's gate the same: the count jumps from 0 to 2 at one threshold
+        monkeypatch.setattr(layer.router, "infer", lambda z: torch.full(z.shape[:-1], 0.6))
+    probes[:] = []
+    tau = calibration.calibrate_threshold(fm, rows, 1.0, start=0.5)
+    assert len(probes) < 16 and set(probes) == {0.0, 2.0}
+    assert abs(threshold_logit(tau) - threshold_logit(0.6)) < 1e-3  # stopped at the jump, not 16 probes on
 
 
 def test_mean_skipped_from_cached_prefix_equals_full_pass():

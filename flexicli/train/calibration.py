@@ -29,12 +29,14 @@ def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8, prefix: torch.Tens
 
 
 def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16, tol: float = 0.02,
-                        start: float = 0.5) -> float:
+                        start: float = 0.5, min_width: float = 1e-3) -> float:
     """The threshold at which held-out mean skipped layers == target within `tol` (more threshold = more skipping).
     Searched in logit space (trained thresholds can sit close to 0 or 1, where w itself runs out of resolution):
     from `start` (the trained threshold, usually near the answer) outward in doubling steps until the target is
     bracketed, then by bisection; each probe is one routed pass over `rows`, at most `iters` of them, and the search
-    stops at the first probe within `tol`. The unrouted layers before the first routed one run once, not per probe."""
+    stops at the first probe within `tol`, or once the bracket is narrower than `min_width` logits (where gates tie,
+    as after a few training steps, no threshold gets within `tol`). The unrouted layers before the first routed one
+    run once, not per probe."""
     from .teacher import TeacherCache
 
     prefix = TeacherCache(fm, rows).prefix
@@ -50,7 +52,7 @@ def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16, 
             lo, below = x, True
         else:
             hi, above = x, True
-        if lo >= hi:  # the target lies beyond the end of the range: no threshold gets closer
+        if lo >= hi or (below and above and hi - lo < min_width):  # beyond the range's end, or no closer to get
             break
         if below and above:
             x = (lo + hi) / 2
