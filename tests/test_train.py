@@ -507,3 +507,78 @@ def test_teacher_cache_computes_a_repeated_row_once(lazy):
     torch.testing.assert_close(final, fresh.final[[1, 0, 1, 0, 2]])
     if not lazy:
         torch.testing.assert_close(cache.final[3:], fresh.final[[1, 0]])
+
+
+def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypatch):
+    """select: the checkpoint holds the weights (here the average) of the evaluation with the lowest validation KL,
+    not the last one's, and a run killed after that evaluation resumes to the same choice. The validation KLs are
+    scripted (0.5, 0.1, 0.9 at steps 2, 4, 6) so that the best is not the last."""
+    import flexicli.train.loop as loop
+    from flexicli.core.checkpoint import read_weights
+    from flexicli.train.resume import saved_weights
+
+    real = loop.heldout_metrics
+    _, rows, heldout = setup()
+    validation = rows[:3]
+
+    def scripted(kls):
+        def metrics(fm, r, batch_size=4):
+            m = real(fm, r, batch_size)
+            return {**m, "kl": kls.pop(0)} if r.shape == validation.shape and torch.equal(r, validation) else m
+        return metrics
+
+    def run(name, kls, stop_after=None, resume=False, **kw):
+        monkeypatch.setattr(loop, "heldout_metrics", scripted(kls))
+        fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
+        if resume:
+            fm.load_flexi_state_dict(read_weights(tmp_path / name))
+        else:
+            fm.save(tmp_path / name)
+        fm.path = tmp_path / name
+        c = cfg(steps=6, eval_every=2, save_every=1, ema=0.6, calibrate=True, **kw)
+        summary = train(fm, c, rows=rows, heldout=heldout, validation=validation, progress=False,
+                        log=lambda m: None, stop_after=stop_after, resume=resume)
+        return summary, [p.detach().clone() for p in fm.trainable_parameters()]
+
+    summary, chosen = run("a", [0.5, 0.1, 0.9])
+    assert summary["selected_step"] == 4 and summary["selected_validation_kl"] == pytest.approx(0.1)
+    run("b", [0.5, 0.1], stop_after=4)
+    at_4 = saved_weights(tmp_path / "b")["ema"]  # the average as it stood at step 4
+    assert all(torch.allclose(c, e, atol=1e-6) for c, e in zip(chosen, at_4))
+    final = saved_weights(tmp_path / "a")["ema"]
+    assert any(not torch.allclose(c, e, atol=1e-6) for c, e in zip(chosen, final)), "step 4 must differ from 6"
+    resumed_summary, resumed = run("b", [0.9], resume=True)
+    assert resumed_summary["selected_step"] == 4
+    assert all(torch.allclose(c, r, atol=1e-6) for c, r in zip(chosen, resumed))
+    off_summary, off = run("c", [0.5, 0.1, 0.9], select=False)  # off: the last average, as before
+    assert "selected_step" not in off_summary
+    assert all(torch.allclose(o, e, atol=1e-6) for o, e in zip(off, final))
+
+
+def test_validation_rows_are_their_own_prompts(smollm2, monkeypatch):
+    """Data selfgen/mix: the validation prompts' conversations become the validation rows and never training rows;
+    the three splits are disjoint; the answers are asked for in one list in file order (the cache key of before the
+    split, so no answers are generated again)."""
+    from types import SimpleNamespace
+
+    import flexicli.data.text as text
+    from flexicli.train.loop import training_data
+
+    model, tok, _ = smollm2
+    asked = []
+
+    def answers(fm, prompts, max_new_tokens=96, progress=None):
+        asked.append(list(prompts))
+        return [f"Answer number {i}." for i in range(len(prompts))]
+
+    monkeypatch.setattr(text, "teacher_answers", answers)
+    rows, validation = training_data(SimpleNamespace(tokenizer=tok, model=model), cfg(data="selfgen", seq_len=64))
+    splits = {s: set(text.builtin_prompts(s)) for s in ("train", "validation", "heldout")}
+    assert [len(splits[s]) for s in splits] == [336, 37, 42]
+    assert not (splits["train"] & splits["validation"] or splits["validation"] & splits["heldout"]
+                or splits["train"] & splits["heldout"])
+    assert asked == [text.builtin_prompts("train", "validation")]
+    trained_on, validated_on = tok.decode(rows.flatten()), tok.decode(validation.flatten())
+    assert not [p for p in splits["validation"] if p in trained_on]
+    assert sum(p in validated_on for p in splits["validation"]) >= 36  # the packed tail may cut the last one
+    assert sum(p in trained_on for p in splits["train"]) >= 330

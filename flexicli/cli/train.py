@@ -78,11 +78,16 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     for key in ("mean_skipped_layers", "kl", "top1_agreement", "greedy_match", "greedy_first_divergence", "threshold"):
         if key in summary:
             table.add_row(key, f"{summary[key]:.4f}")
-    if "last_step" in summary:  # ema: the saved average against the last step's weights on the same rows
+    if "selected_step" in summary:
+        table.add_row("checkpoint", f"the weights{' (average)' if 'ema' in summary else ''} of step "
+                      f"{summary['selected_step']}: lowest KL on the validation prompts "
+                      f"({summary['selected_validation_kl']:.4f})")
+    if "last_step" in summary:  # the saved weights against the last step's on the same rows
         last = summary["last_step"]
         table.add_row("last step's weights", f"kl {last['kl']:.4f}  top1_agreement {last['top1_agreement']:.4f}  "
-                      f"skipped {last['mean_skipped_layers']:.2f} (the checkpoint holds their average, ema "
-                      f"{summary['ema']:g})")
+                      f"skipped {last['mean_skipped_layers']:.2f} (the checkpoint holds "
+                      + (f"their average, ema {summary['ema']:g})" if "selected_step" not in summary else
+                         "the selected weights)"))
     rates = summary.get("per_layer_skip_rate", {})
     table.add_row("per-unit skip rate", " ".join(f"{k}:{v:.2f}" for k, v in rates.items()))
     Console().print(table)

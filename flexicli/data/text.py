@@ -1,7 +1,8 @@
 """Training and held-out data, offline by default.
 
-Built in: `flexicli/data/prompts.jsonl`, 415 user prompts (every 10th held out), and the documentation of installed
-packages. The sources:
+Built in: `flexicli/data/prompts.jsonl`, 415 user prompts in three splits: 336 train, 37 validation (every 10th of
+the rest: `flexi train` picks its checkpoint on them) and 42 held out (every 10th: `flexi eval`'s text and
+calibration's), and the documentation of installed packages. The sources:
   - "selfgen" (default): each prompt plus the original model's own greedy answer, through the chat template.
     Generated once per base model (by its fingerprint) and cached in $FLEXI_CACHE/selfgen/.
   - "prompts": the chat-templated prompts alone.
@@ -29,9 +30,10 @@ from .tokens import pad_id
 PROMPTS_FILE = Path(__file__).parent / "prompts.jsonl"
 
 
-def builtin_prompts(split: str) -> list[str]:
+def builtin_prompts(*splits: str) -> list[str]:
+    """The built-in prompts of these splits ("train", "validation", "heldout"), in file order."""
     rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
-    return [r["prompt"] for r in rows if r["split"] == split]
+    return [r["prompt"] for r in rows if r["split"] in splits]
 
 
 def heldout_prompts(n: int | None = None) -> list[str]:

@@ -37,30 +37,48 @@ CACHE_LIMIT = 4 * 2**30  # teacher cache bytes; memory is only touched for rows 
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
-def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
+def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training rows, validation rows or None). Validation rows are the built-in validation prompts with the
+    original model's answers, for data selfgen and mix (whose answers are generated anyway): disjoint from the
+    training rows and from the held-out prompts that `flexi eval` and calibration use, so choosing the checkpoint
+    on them does not bias the verdict."""
     from ..data import text
 
-    prompts = text.builtin_prompts("train")
+    validation = None
     if cfg.data in ("selfgen", "mix"):
+        # answered together, in file order: the same prompt list (so the same answer cache) as before the split
+        asked = text.builtin_prompts("train", "validation")
+        validation_prompts = set(text.builtin_prompts("validation"))  # the built-in prompts are unique
+        held = {i for i, p in enumerate(asked) if p in validation_prompts}
         docs_texts = text.package_docs(cfg.docs_chars) if cfg.data == "mix" or cfg.task_prompts else []
-        prompts += text.task_prompts(cfg.task_prompts, docs=docs_texts)
-        texts = text.conversations(fm, prompts, text.teacher_answers(fm, prompts, cfg.selfgen_tokens,
-                                                                     progress=progress))
+        asked += text.task_prompts(cfg.task_prompts, docs=docs_texts)
+        answers = text.teacher_answers(fm, asked, cfg.selfgen_tokens, progress=progress)
+        texts = text.conversations(fm, [p for i, p in enumerate(asked) if i not in held],
+                                   [a for i, a in enumerate(answers) if i not in held])
+        try:
+            validation = text.pack(fm.tokenizer, text.conversations(fm, [asked[i] for i in sorted(held)],
+                                                                    [answers[i] for i in sorted(held)]), cfg.seq_len)
+        except BadInput:  # rows longer than all validation text together: train() says there are none
+            validation = None
         if cfg.data == "mix":  # packed apart (no row straddles the two), the conversations repeated until they
             chat = text.pack(fm.tokenizer, texts, cfg.seq_len)  # are about half the rows: the held-out text and
             docs = text.pack(fm.tokenizer, docs_texts, cfg.seq_len)  # the chat template stay
-            return torch.cat([chat.repeat(max(1, round(docs.shape[0] / chat.shape[0])), 1), docs])  # well covered
+            return torch.cat([chat.repeat(max(1, round(docs.shape[0] / chat.shape[0])), 1), docs]), validation
     elif cfg.data == "docs":
         texts = text.package_docs(cfg.docs_chars)
     elif cfg.data == "prompts":
-        texts = text.conversations(fm, prompts, None)
+        texts = text.conversations(fm, text.builtin_prompts("train"), None)
     else:
         texts = text.read_data(cfg.data, fm.tokenizer)
     rows = text.pack(fm.tokenizer, texts, cfg.seq_len)
     vocab = fm.model.get_input_embeddings().num_embeddings
     if rows.max().item() >= vocab:  # token-id data (input_ids rows): an embedding lookup would fail mid-run
         raise BadInput(f"--data {cfg.data} has token id {rows.max().item()}, outside the model's vocabulary ({vocab})")
-    return rows
+    return rows, validation
+
+
+def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
+    return training_data(fm, cfg, progress)[0]
 
 
 def heldout_rows(fm, seq_len: int, progress=None) -> torch.Tensor | None:
@@ -242,13 +260,18 @@ class _Run:
     cache: object = None
     warm: bool = False
     ema: list | None = None  # the weight average (cfg.ema > 0), one tensor per trainable parameter
+    validation: torch.Tensor | None = None
+    select: bool = False  # the checkpoint gets the evaluated weights with the lowest validation KL (cfg.select)
+    best: dict | None = None  # {"step", "kl", "weights"}: the best evaluated so far
 
 
 def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False, rows: torch.Tensor | None = None,
-          heldout: torch.Tensor | None = None, stop_after: int | None = None, progress=None, log=print) -> dict:
+          heldout: torch.Tensor | None = None, validation: torch.Tensor | None = None, stop_after: int | None = None,
+          progress=None, log=print) -> dict:
     """Train `fm` in place; returns the summary (held-out metrics, the fits before step 0).
 
-    `rows`/`heldout` ([n, seq_len] token ids) override the text data (tests, tiny models). `stop_after` ends the run
+    `rows`/`heldout`/`validation` ([n, seq_len] token ids) override the text data (tests, tiny models). `stop_after`
+    ends the run
     after that many steps as if it were killed there (tests of --resume). `progress(stage, done, total, info)`, if
     given, hears each stage ("data", "routers", "adapters", "train"); `log(message)` gets one line per event."""
     cfg.check(fm.capacity)
@@ -257,7 +280,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     if not dist.is_main:  # distributed: rank 0 reports
         log, progress = (lambda m: None), None
     run = _setup(fm, cfg, folder, resume, dist, log)
-    _data(fm, run, rows, heldout, progress, log)
+    _data(fm, run, rows, heldout, validation, progress, log)
     _before_step_0(fm, run, progress, log)
     stopped_at = _steps(fm, run, folder, stop_after, progress)
     return {"stopped_at": stopped_at} if stopped_at is not None else _finish(fm, run, folder)
@@ -277,14 +300,15 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
     adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
     opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
                             lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=0.0)
-    start, budget_state, weights = 0, None, {}
+    start, budget_state, weights, selected = 0, None, {}, None
     if resume:
         if folder is None:
             raise BadInput("nothing to resume: no checkpoint folder", "start without --resume")
         if (folder / TRAIN_STATE).is_file():
-            start, saved_cfg, budget_state, weights = load_training(folder, opt)
-            # "ema": 0 for runs saved before the weight average existed: they trained without it
-            cfg = TrainConfig.from_dict({"ema": 0.0, **saved_cfg, "steps": max(cfg.steps, saved_cfg["steps"])})
+            start, saved_cfg, budget_state, weights, selected = load_training(folder, opt)
+            # "ema": 0 and "select": False for runs saved before the weight average and the selection existed
+            cfg = TrainConfig.from_dict({"ema": 0.0, "select": False, **saved_cfg,
+                                         "steps": max(cfg.steps, saved_cfg["steps"])})
             log(f"resuming at step {start} of {cfg.steps}")
         elif (fm.config.training or {}).get("steps_done"):  # trained, but its training state is gone
             raise BadInput(f"nothing to resume in {folder}: it was trained but has no {TRAIN_STATE}",
@@ -312,23 +336,29 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
         else:
             ema = [p.detach().clone() for p in params]
     fm.state.checkpointing = cfg.gradient_checkpointing
-    return _Run(ema=ema, cfg=cfg, dist=dist, device=next(fm.model.parameters()).device, head=logits_fn(fm.model),
+    best = {**selected, "weights": weights["best"]} if selected and "best" in weights else None
+    return _Run(ema=ema, best=best, cfg=cfg, dist=dist, device=next(fm.model.parameters()).device, head=logits_fn(fm.model),
                 params=params, routers=routers, opt=opt, budget=budget, start=start,
                 warm=cfg.warm_start and dist.world_size == 1)  # distributed: no warm start yet (fresh routers)
 
 
-def _data(fm, run: _Run, rows, heldout, progress, log) -> None:
-    """Training and held-out rows (the built-in data unless given), and the teacher cache over them."""
+def _data(fm, run: _Run, rows, heldout, validation, progress, log) -> None:
+    """Training, validation and held-out rows (the built-in data unless given), and the teacher cache over them."""
     cfg, dist = run.cfg, run.dist
     if rows is None:
         log("preparing data (the original model answers the built-in prompts once; cached afterwards)")
         answers = (lambda done, total: progress("data", done, total, "answers")) if progress else None
         with dist.main_first():  # distributed: rank 0 fills the data cache, the others then read it
-            rows = training_rows(fm, cfg, progress=answers)
+            rows, validation = training_data(fm, cfg, progress=answers)
             heldout = heldout_rows(fm, cfg.seq_len, progress=answers)
     log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} "
         "held-out rows" + (" (no tokenizer: no held-out evaluation or calibration)" if fm.tokenizer is None else ""))
-    run.rows, run.heldout = rows, heldout
+    run.rows, run.heldout, run.validation = rows, heldout, validation
+    run.select = cfg.select and validation is not None and cfg.calibrate and heldout is not None
+    if cfg.select and not run.select and run.start < cfg.steps:
+        why = ("no validation rows (they come with data selfgen and mix)" if validation is None
+               else "no calibration afterwards, which a checkpoint of another step's routers needs")
+        log(f"the checkpoint will hold the last step's weights{' (average)' if cfg.ema else ''}: {why}")
     if cfg.cache_teacher and dist.world_size == 1 and cache_bytes(fm, rows) < CACHE_LIMIT:
         from .teacher import TeacherCache
 
@@ -422,8 +452,8 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
                # per routed unit, the share of tokens that skipped it (rank 0's micro-batches when distributed): the
                # count alone hides whether skips spread over units or settle into static removal of a few layers
                "unit_skip_rate": dict(zip(fm.unit_labels, [round(x, 3) for x in unit_rates]))}
-        if run.heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            rec["heldout"] = heldout_metrics(fm, run.heldout[: cfg.eval_rows])
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            _evaluate(fm, run, step + 1, rec)
         if metrics_path and dist.is_main:  # distributed: rank 0 writes
             with metrics_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -434,10 +464,45 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         done = step + 1
         if folder and (done % cfg.save_every == 0 or done == cfg.steps or done == stop_after):
             dist.on_main(save_training, fm, folder, cfg, done, opt, budget, None,  # others wait
-                         {"ema": run.ema} if run.ema is not None else None)
+                         _kept_weights(run), _selection(run))
         if stop_after is not None and done >= stop_after:
             return done
     return None
+
+
+def _evaluate(fm, run: _Run, step: int, rec: dict) -> None:
+    """Mid-run evaluation into `rec`: with validation rows, the weights the checkpoint would hold now (the average
+    when ema is on) on them, kept if the best so far; without, the current weights on the first held-out rows."""
+    cfg = run.cfg
+    if run.validation is None:
+        if run.heldout is not None:
+            rec["heldout"] = heldout_metrics(fm, run.heldout[: cfg.eval_rows])
+        return
+    candidate = run.ema if run.ema is not None else run.params
+    live = [p.detach().clone() for p in run.params] if run.ema is not None else None
+    try:
+        if live is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(run.params, run.ema)
+        rec["validation"] = m = heldout_metrics(fm, run.validation[: cfg.eval_rows])
+    finally:
+        if live is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(run.params, live)
+    if run.select and (run.best is None or m["kl"] < run.best["kl"]):
+        run.best = {"step": step, "kl": m["kl"], "weights": [t.detach().clone() for t in candidate]}
+
+
+def _kept_weights(run: _Run) -> dict | None:
+    """The weight lists a save keeps in the training state for --resume: the average and the best so far."""
+    kept = {"ema": run.ema} if run.ema is not None else {}
+    if run.best is not None:
+        kept["best"] = run.best["weights"]
+    return kept or None
+
+
+def _selection(run: _Run) -> dict | None:
+    return {"step": run.best["step"], "kl": run.best["kl"]} if run.best is not None else None
 
 
 def _finish(fm, run: _Run, folder: Path | None) -> dict:
@@ -447,19 +512,25 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
         p.requires_grad_(False)
     summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data, "budget": cfg.budget,
                "router_init": cfg.router_init, "adapter_init": cfg.adapter_init}
-    weights = None
-    if run.ema is not None:  # the checkpoint gets the average; the last step's weights stay in the training state
+    weights = _kept_weights(run)
+    # the checkpoint gets the best evaluated weights on validation (cfg.select), else the average (cfg.ema), else
+    # the last step's; the last step's weights stay in the training state for --resume
+    chosen = run.best["weights"] if run.select and run.best is not None else run.ema
+    if run.select and run.best is not None:
+        summary["selected_step"], summary["selected_validation_kl"] = run.best["step"], run.best["kl"]
+    if chosen is not None and (run.ema is not None or run.best["step"] != cfg.steps):
         if run.heldout is not None:
             last = heldout_metrics(fm, run.heldout)
             summary["last_step"] = {k: last[k] for k in ("kl", "kl_p99", "top1_agreement", "mean_skipped_layers")}
-        weights = {"ema": run.ema, "last": [p.detach().clone() for p in run.params]}
-        # averaged routers skip a little more or less than the last step's under the threshold the budget trained,
-        # so they are averaged only when calibration sets the threshold afterwards; adapters always are
+        weights = {**(weights or {}), "last": [p.detach().clone() for p in run.params]}
+        # averaged (or earlier) routers skip a little more or less than the last step's under the threshold the
+        # budget trained, so they are taken only when calibration sets the threshold afterwards; adapters always are
         calibrated = cfg.calibrate and run.heldout is not None
         routers = {id(p) for p in run.routers}
-        pairs = [(p, e) for p, e in zip(run.params, run.ema) if calibrated or id(p) not in routers]
+        pairs = [(p, e) for p, e in zip(run.params, chosen) if calibrated or id(p) not in routers]
         with torch.no_grad():
             torch._foreach_copy_([p for p, _ in pairs], [e for _, e in pairs])
+    if run.ema is not None:
         summary["ema"] = cfg.ema
     if run.heldout is not None:
         final = heldout_metrics(fm, run.heldout)
@@ -476,5 +547,6 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
         if (fm.config.training or {}).get(key) is not None:
             summary[key] = fm.config.training[key]
     if folder:
-        run.dist.on_main(save_training, fm, folder, cfg, cfg.steps, run.opt, run.budget, summary, weights)
+        run.dist.on_main(save_training, fm, folder, cfg, cfg.steps, run.opt, run.budget, summary, weights,
+                         _selection(run))
     return summary
