@@ -76,12 +76,12 @@ def around_routed_layers(fm, rows: torch.Tensor, grab, batch_size: int = 8) -> l
         def hook(module, args, kwargs, out, i=i):
             h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
             h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
-            parts = [x.float().cpu() for x in grab(module, h_in, mids[i].flatten(0, 1), h_out)]
+            parts = grab(module, h_in, mids[i].flatten(0, 1), h_out)
             if got[i] is None:
-                got[i] = [torch.empty((rows.numel(), *x.shape[1:])) for x in parts]
+                got[i] = [torch.empty((rows.numel(), *x.shape[1:]), dtype=torch.float32) for x in parts]
             n = parts[0].shape[0]
-            for buf, x in zip(got[i], parts, strict=True):
-                buf[filled[i]:filled[i] + n] = x
+            for buf, x in zip(got[i], parts, strict=True):  # copy_ converts dtype and device: no temporary copy
+                buf[filled[i]:filled[i] + n].copy_(x)
             filled[i] += n
         handles.append(_mlp_entry(layer).register_forward_pre_hook(at_mlp, with_kwargs=True))
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
