@@ -10,7 +10,6 @@ import argparse
 import json
 import time
 
-import torch
 
 
 def main():

@@ -5,10 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from conftest import tiny_model
-
 
 def flexi(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -1,6 +1,5 @@
 """GPU decode engine: equal to the reference path on a tiny fp32 Llama (runs only where CUDA and Triton are)."""
 
-import copy
 
 import pytest
 import torch

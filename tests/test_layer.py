@@ -72,7 +72,6 @@ def test_skip_drops_attention_output_and_uses_adapter():
     _, fm = convert_tiny("llama", routed=(1,))
     layer = fm.layers[0]
     torch.nn.init.normal_(layer.adapter.down_proj.weight, std=0.1)
-    h = torch.randn(1, 5, 64)
     seen = {}
     layer.register_forward_hook(lambda m, a, out: seen.update(out=out))
     layer.register_forward_pre_hook(lambda m, a, kw: seen.update(inp=a[0] if a else kw["hidden_states"]),
