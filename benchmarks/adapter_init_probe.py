@@ -11,7 +11,6 @@ import json
 import time
 
 
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip", type=int, default=4)

@@ -33,6 +33,20 @@ def setup(tmp_path=None, family="llama"):
     return fm, rows, heldout
 
 
+def tiny_at(folder, resume=False):
+    """The tiny routed model with its checkpoint in `folder`: saved there fresh, or (resume) loaded from it, as in a
+    new process that resumes a killed run."""
+    from flexicli.core.checkpoint import read_weights
+
+    fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
+    if resume:
+        fm.load_flexi_state_dict(read_weights(folder))
+    else:
+        fm.save(folder)
+    fm.path = folder
+    return fm
+
+
 def cfg(**kw):
     base = dict(skip_target=1.0, steps=12, batch_size=4, seq_len=32, lr=1e-2, warmup=2, eval_every=100,
                 save_every=100, calibrate=False, budget="penalty", router_init="none", adapter_init="none")
@@ -167,16 +181,10 @@ def test_weight_average_is_saved_and_the_last_step_resumes(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from flexicli.core.checkpoint import read_weights
     from flexicli.train.resume import saved_weights
 
     def run(name, stop_after=None, resume=False, **kw):
-        fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
-        if resume:
-            fm.load_flexi_state_dict(read_weights(tmp_path / name))
-        else:
-            fm.save(tmp_path / name)
-        fm.path = tmp_path / name
+        fm = tiny_at(tmp_path / name, resume)
         train(fm, cfg(steps=3, **kw), rows=rows, heldout=heldout, progress=False, log=lambda m: None,
               stop_after=stop_after, resume=resume)
         return {k: v.clone() for k, v in fm.flexi_state_dict().items()}
@@ -514,7 +522,6 @@ def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypat
     not the last one's, and a run killed after that evaluation resumes to the same choice. The validation KLs are
     scripted (0.5, 0.1, 0.9 at steps 2, 4, 6) so that the best is not the last."""
     import flexicli.train.loop as loop
-    from flexicli.core.checkpoint import read_weights
     from flexicli.train.resume import saved_weights
 
     real = loop.heldout_metrics
@@ -529,12 +536,7 @@ def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypat
 
     def run(name, kls, stop_after=None, resume=False, **kw):
         monkeypatch.setattr(loop, "heldout_metrics", scripted(kls))
-        fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny")
-        if resume:
-            fm.load_flexi_state_dict(read_weights(tmp_path / name))
-        else:
-            fm.save(tmp_path / name)
-        fm.path = tmp_path / name
+        fm = tiny_at(tmp_path / name, resume)
         c = cfg(steps=6, eval_every=2, save_every=1, ema=0.6, calibrate=True, **kw)
         summary = train(fm, c, rows=rows, heldout=heldout, validation=validation, progress=False,
                         log=lambda m: None, stop_after=stop_after, resume=resume)

@@ -337,8 +337,8 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
             ema = [p.detach().clone() for p in params]
     fm.state.checkpointing = cfg.gradient_checkpointing
     best = {**selected, "weights": weights["best"]} if selected and "best" in weights else None
-    return _Run(ema=ema, best=best, cfg=cfg, dist=dist, device=next(fm.model.parameters()).device, head=logits_fn(fm.model),
-                params=params, routers=routers, opt=opt, budget=budget, start=start,
+    return _Run(ema=ema, best=best, cfg=cfg, dist=dist, device=next(fm.model.parameters()).device,
+                head=logits_fn(fm.model), params=params, routers=routers, opt=opt, budget=budget, start=start,
                 warm=cfg.warm_start and dist.world_size == 1)  # distributed: no warm start yet (fresh routers)
 
 
@@ -478,15 +478,17 @@ def _evaluate(fm, run: _Run, step: int, rec: dict) -> None:
         if run.heldout is not None:
             rec["heldout"] = heldout_metrics(fm, run.heldout[: cfg.eval_rows])
         return
-    candidate = run.ema if run.ema is not None else run.params
-    live = [p.detach().clone() for p in run.params] if run.ema is not None else None
-    try:
-        if live is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(run.params, run.ema)
-        rec["validation"] = m = heldout_metrics(fm, run.validation[: cfg.eval_rows])
-    finally:
-        if live is not None:
+    rows = run.validation[: cfg.eval_rows]
+    if run.ema is None:
+        candidate = run.params
+        rec["validation"] = m = heldout_metrics(fm, rows)
+    else:  # the average in place of the live weights for the pass, then the live weights back
+        candidate, live = run.ema, [p.detach().clone() for p in run.params]
+        with torch.no_grad():
+            torch._foreach_copy_(run.params, run.ema)
+        try:
+            rec["validation"] = m = heldout_metrics(fm, rows)
+        finally:
             with torch.no_grad():
                 torch._foreach_copy_(run.params, live)
     if run.select and (run.best is None or m["kl"] < run.best["kl"]):
