@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest tests -q "$@"
+python -m pytest tests -q --durations=15 "$@"  # the 15 slowest: where CI time goes
