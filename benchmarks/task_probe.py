@@ -17,7 +17,7 @@ import torch
 from flexicli.core.flexi_model import FlexiModel
 from flexicli.data.tasks import load_tasks
 from flexicli.data.tokens import prompt_ids
-from flexicli.evaluation.evaluate import generate_ids
+from flexicli.evaluation.evaluate import generate_ids, token_kl, top1_match
 
 POLICIES = {"full": ("full", "full"), "routed": ("routed", "routed"),
             "prompt_full": ("full", "routed"), "answer_full": ("routed", "full")}  # (prompt, answer)
@@ -76,12 +76,12 @@ def _answer_positions(fm, pairs):
     out = []
     for cat, p, a in pairs:
         ids = torch.tensor([p + a])
+        span = slice(len(p) - 1, len(p) + len(a) - 1)  # position i predicts token i + 1
         with fm.routing("full"):
-            t = fm.model(input_ids=ids, use_cache=False).logits[0, len(p) - 1:len(p) + len(a) - 1].float()
+            t = fm.model(input_ids=ids, use_cache=False).logits[0, span]
         with fm.routing("routed"):
-            s = fm.model(input_ids=ids, use_cache=False).logits[0, len(p) - 1:len(p) + len(a) - 1].float()
-        kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
-        agree = t.argmax(-1) == s.argmax(-1)
+            s = fm.model(input_ids=ids, use_cache=False).logits[0, span]
+        kl, agree = token_kl(t, s), top1_match(t, s)  # flexi eval's own per-token measures
         for i, tok in enumerate(a):
             out.append((cat, _kind(fm.tokenizer.decode([tok])), i, bool(agree[i]), float(kl[i])))
     return out
@@ -109,7 +109,7 @@ def flips(fm) -> None:
     print("by category:", _summary(base, lambda r: r[0]))
     print("by kind:    ", _summary(base, lambda r: r[1]))
     print("by position:", _summary(base, lambda r: "first" if r[2] == 0 else "1-3" if r[2] < 4 else "4+"))
-    with fm.routing("routed"), fm.record() as rec:
+    with torch.no_grad(), fm.routing("routed"), fm.record() as rec:
         for _, p, a in pairs:
             fm.model(input_ids=torch.tensor([p + a]), use_cache=False)
     share = (~rec.decisions()).float().mean(dim=(0, 1))  # per routed unit: the share of task tokens skipping it
