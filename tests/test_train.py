@@ -1,6 +1,7 @@
 """Training on tiny models: the loss falls, only routers/adapters change, resume equals an unbroken run."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -322,25 +323,29 @@ def test_mean_skipped_from_cached_prefix_equals_full_pass():
     assert mean_skipped(fm, rows, batch_size=4, prefix=TeacherCache(fm, rows).prefix) == full
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_teacher_cache_gives_the_same_step(family):
-    """A step from cached teacher/prefix hidden states equals a step that recomputes them."""
+@pytest.mark.parametrize("family,hidden_weight", [("llama", 0.0), ("gpt2", 0.0), ("llama", 1.0)])
+def test_teacher_cache_gives_the_same_step(family, hidden_weight):
+    """A step from cached teacher/prefix hidden states equals a step that recomputes them (with the per-layer
+    hidden-state term: also from cached routed-layer outputs)."""
     from flexicli.train.objectives import logits_fn
     from flexicli.train.teacher import TeacherCache
     from flexicli.train.loop import train_step
 
-    fm = FlexiModel.wrap(peaky_tiny(family, sharpen=8.0), routed_layers=[1], base_model="tiny")  # GPT-2 ties it
+    routed = [0, 1] if hidden_weight else [1]  # two routed layers: the cached outputs must keep their order
+    fm = FlexiModel.wrap(peaky_tiny(family, sharpen=8.0), routed_layers=routed, base_model="tiny")  # GPT-2 ties it
     rows = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(0))
-    torch.nn.init.normal_(fm.layers[0].router.head.weight, std=1.0)
-    fm.layers[0].router.bias.data.fill_(0.0)  # some tokens run, some skip
-    cache = TeacherCache(fm, rows)
+    for layer in fm.layers:  # some tokens run, some skip
+        torch.nn.init.normal_(layer.router.head.weight, std=1.0)
+        layer.router.bias.data.fill_(0.0)
+    cache = TeacherCache(fm, rows, layers=hidden_weight > 0)
     idx = torch.tensor([4, 1, 3])
     results = []
     for cached in (None, cache.lookup(idx, "cpu")):
         for p in fm.trainable_parameters():
             p.grad = None
             p.requires_grad_(True)
-        out = train_step(fm, rows[idx], cfg(), logits_fn(fm.model), 1.0, BudgetPenalty(2), cached=cached)
+        out = train_step(fm, rows[idx], cfg(hidden_weight=hidden_weight), logits_fn(fm.model), 1.0,
+                         BudgetPenalty(2), cached=cached)
         results.append((out["loss"], [p.grad.clone() for p in fm.trainable_parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert abs(loss_a - loss_b) < 1e-6 and loss_a > 0
@@ -584,3 +589,43 @@ def test_validation_rows_are_their_own_prompts(smollm2, monkeypatch):
     assert not [p for p in splits["validation"] if p in trained_on]
     assert sum(p in validated_on for p in splits["validation"]) >= 36  # the packed tail may cut the last one
     assert sum(p in trained_on for p in splits["train"]) >= 330
+
+
+def test_hidden_state_term_is_zero_at_full_routing_and_moves_the_adapters(tmp_path):
+    """The per-layer term compares the right tensors (zero when the routed model runs every layer), its gradient
+    reaches the adapters of skipped tokens, and a cache without the layers' outputs is refused, not read as zero."""
+    from flexicli.train.objectives import hidden_loss, logits_fn
+    from flexicli.train.teacher import TeacherCache, routed_outputs
+    from flexicli.train.loop import train_step
+
+    fm, rows, _ = setup()
+    decoder = fm.model.model
+    with torch.no_grad(), fm.routing("full"), routed_outputs(fm) as teacher:
+        decoder(input_ids=rows[:2])
+    with torch.no_grad(), fm.routing("run"), routed_outputs(fm) as student:
+        decoder(input_ids=rows[:2])
+    assert len(teacher) == len(fm.layers) == 2
+    assert hidden_loss(student, teacher).item() < 1e-10
+    with torch.no_grad(), fm.routing("skip"), routed_outputs(fm) as skipped:
+        decoder(input_ids=rows[:2])
+    assert hidden_loss(skipped, teacher).item() > 1e-3
+
+    for layer in fm.layers:  # some tokens run, some skip
+        torch.nn.init.normal_(layer.router.head.weight, std=1.0)
+        layer.router.bias.data.fill_(0.0)
+    grads = {}
+    for weight in (0.0, 1.0):
+        for p in fm.trainable_parameters():
+            p.grad = None
+            p.requires_grad_(True)
+        train_step(fm, rows[:4], cfg(hidden_weight=weight), logits_fn(fm.model), 1.0, BudgetPenalty(2))
+        grads[weight] = [p.grad.clone() for p in fm.trainable_parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0.0], grads[1.0])), "the term must add gradient"
+    fm.save(tmp_path / "ckpt")
+    fm.path = tmp_path / "ckpt"
+    train(fm, cfg(steps=2, hidden_weight=0.5), rows=rows, heldout=None, progress=False, log=lambda m: None)
+    steps = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all(r["hidden_loss"] > 0 for r in steps)  # logged, unweighted, per step
+    with pytest.raises(RuntimeError, match="layers=True"):
+        train_step(fm, rows[:4], cfg(hidden_weight=1.0), logits_fn(fm.model), 1.0, BudgetPenalty(2),
+                   cached=TeacherCache(fm, rows).lookup(torch.tensor([0, 1, 2, 3]), "cpu"))

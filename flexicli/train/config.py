@@ -30,6 +30,10 @@ class TrainConfig:
     data: str = "mix"  # mix (selfgen + docs) | selfgen | prompts | docs | PATH (.jsonl/.txt) | Hub dataset id
     objective: str = "kl"  # kl (distillation, ours) | lm (FlexiDepth: LM loss + alpha * mean_t (sum_l w)^2)
     alpha: float = 1e-3  # FlexiDepth's penalty weight (objective lm only)
+    # objective kl: + hidden_weight * the per-layer hidden-state term (objectives.hidden_loss: relative squared
+    # distance between student and teacher leaving each routed layer). The teacher cache then keeps each routed
+    # layer's output too: on SmolLM2 ~8.8 MB per 256-token row reached (~5 GB over a default run). 0: KL alone
+    hidden_weight: float = 0.0
     budget: str = "penalty"  # penalty: PI-controlled Lagrange term | capacity: per-unit shares (budget.BudgetCapacity) | threshold: quantile
     #                          | density: per-unit target density (budget.BudgetDensity)
     router_init: str = "influence"  # influence: fit the routers to token-level unit influence first (router_init.py) | none: fresh routers
@@ -100,6 +104,10 @@ class TrainConfig:
             raise BadInput(f"max_skip_share must be in (0, 1], not {self.max_skip_share}", "1 turns the cap off")
         if self.max_skip_share < 1 and self.objective != "kl":
             raise BadInput(f"max_skip_share applies to objective kl, not {self.objective!r}", "drop it or use kl")
+        if self.hidden_weight < 0:
+            raise BadInput(f"hidden_weight must be at least 0, not {self.hidden_weight}", "0 turns the term off")
+        if self.hidden_weight and self.objective != "kl":
+            raise BadInput(f"hidden_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
         if self.task_prompts < 0:
             raise BadInput(f"task_prompts must be at least 0, not {self.task_prompts}")
         if self.task_prompts and self.data not in ("selfgen", "mix"):

@@ -26,7 +26,7 @@ from ..core.errors import BadInput
 from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
-from .objectives import (distill_loss, gate_logits, gate_margin, gate_stats, lm_loss, logits_fn, skip_cap_loss,
+from .objectives import (distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss, logits_fn, skip_cap_loss,
                          unit_density)
 from .calibration import calibrate_threshold
 from .config import TrainConfig
@@ -135,21 +135,27 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
     """The student's forward of one micro-batch and its loss terms (no backward). Sets fm.state.capacity, which the
     caller clears in a `finally` after backward (also when this raises): gradient checkpointing recomputes each layer
     in backward and must take the same decisions."""
-    from .teacher import start_at_first_routed
+    from .teacher import routed_outputs, start_at_first_routed
 
     decoder = decoder_of(fm.model)
     device = next(fm.model.parameters()).device
     batch = batch.to(device)
+    hidden = cfg.objective == "kl" and cfg.hidden_weight > 0
     if cached is not None:
-        prefix_h, teacher_h = cached
+        prefix_h, teacher_h, *teacher_layers = cached
+        if hidden and not teacher_layers:
+            raise RuntimeError("hidden_weight > 0 needs a TeacherCache made with layers=True")
+        teacher_layers = teacher_layers[0] if teacher_layers else None
     elif cfg.objective == "kl":
-        with torch.no_grad(), fm.routing("full"):
+        with torch.no_grad(), fm.routing("full"), (routed_outputs(fm) if hidden else nullcontext([])) as got:
             teacher_h = decoder(input_ids=batch).last_hidden_state
+        teacher_layers = list(got)
     fm.state.gates = []
     shares = budget.capacity(target) if cfg.objective == "kl" else None
     fm.state.capacity = dict(zip(fm.unit_keys, shares)) if shares is not None else None
     try:
-        with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()):
+        with fm.routing("routed"), (start_at_first_routed(fm, prefix_h) if cached is not None else nullcontext()), \
+                (routed_outputs(fm) if hidden else nullcontext([])) as student_layers:
             student_h = decoder(input_ids=batch).last_hidden_state
         skipped_st, gate_sum, layer_skip = gate_stats(fm.state.gates)
         capped = cfg.max_skip_share < 1
@@ -161,13 +167,16 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
     if cfg.objective == "kl":
         main, agree = distill_loss(student_h, teacher_h, head)
         extra = budget.loss(target, skipped_st, density) + cfg.margin * margin
+        if hidden:
+            term = hidden_loss(student_layers, teacher_layers)
+            extra = extra + cfg.hidden_weight * term
         if capped:
             extra = extra + skip_cap_loss(density, cfg.max_skip_share)
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()
     return {"main": main, "agree": agree, "extra": extra, "skipped_st": skipped_st, "layer_skip": layer_skip,
-            "logits": logits}
+            "logits": logits, "hidden": term.item() if hidden else None}
 
 
 def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
@@ -179,7 +188,7 @@ def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=
     finally:
         fm.state.capacity = None
     return {"loss": f["main"].item(), "agree": f["agree"].item(), "skipped": f["skipped_st"].mean().item(),
-            "layer_skip": f["layer_skip"].detach().cpu(), "logits": f["logits"]}
+            "layer_skip": f["layer_skip"].detach().cpu(), "logits": f["logits"], "hidden": f["hidden"]}
 
 
 def penalty_balance(fm, batches: list, cfg: TrainConfig, head, target: float, budget, routers: list,
@@ -362,7 +371,8 @@ def _data(fm, run: _Run, rows, heldout, validation, progress, log) -> None:
     if cfg.cache_teacher and dist.world_size == 1 and cache_bytes(fm, rows) < CACHE_LIMIT:
         from .teacher import TeacherCache
 
-        run.cache = TeacherCache(fm, rows, lazy=True)  # filled as steps first reach each row
+        # filled as steps first reach each row; with the hidden-state term also each routed layer's output
+        run.cache = TeacherCache(fm, rows, lazy=True, layers=cfg.objective == "kl" and cfg.hidden_weight > 0)
 
 
 def _before_step_0(fm, run: _Run, progress, log) -> None:
@@ -452,6 +462,8 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
                # per routed unit, the share of tokens that skipped it (rank 0's micro-batches when distributed): the
                # count alone hides whether skips spread over units or settle into static removal of a few layers
                "unit_skip_rate": dict(zip(fm.unit_labels, [round(x, 3) for x in unit_rates]))}
+        if stats[0]["hidden"] is not None:  # the per-layer hidden-state term, unweighted (rank 0's when distributed)
+            rec["hidden_loss"] = sum(s["hidden"] for s in stats) / len(stats)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             _evaluate(fm, run, step + 1, rec)
         if metrics_path and dist.is_main:  # distributed: rank 0 writes

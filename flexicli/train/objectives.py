@@ -97,6 +97,18 @@ def distill_loss(student_h, teacher_h, head, chunk: int | None = None):
     return total / s.shape[0], agree.float() / s.shape[0]
 
 
+def hidden_loss(student: list[torch.Tensor], teacher) -> torch.Tensor:
+    """The per-layer hidden-state term: over the routed layers and tokens, the mean of ||s - t||^2 / ||t||^2 between
+    the student's and the teacher's hidden state leaving each routed layer (teacher: a list or a stacked [layers, ...]
+    tensor in the same order). Relative, so layers and tokens whose residual stream is far larger (the first token's)
+    do not outweigh the rest."""
+    if len(student) != len(teacher):
+        raise RuntimeError(f"hidden-state term: {len(student)} student layers against {len(teacher)} teacher layers")
+    terms = [(s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-6)
+             for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
 def _ce_chunk(h, targets, head):
     return F.cross_entropy(head(h), targets, reduction="sum")
 

@@ -2,8 +2,8 @@
 
 The teacher is the model with routing off, and the layers before the first routed one are the same in teacher and
 student (nothing there trains). So for each training row we keep two hidden states: the one entering the first routed
-layer and the teacher's final one. A step then runs only the routed part of the student and no teacher at all,
-about half the work of recomputing both.
+layer and the teacher's final one (and, for the per-layer hidden-state term, the one leaving each routed layer). A
+step then runs only the routed part of the student and no teacher at all, about half the work of recomputing both.
 """
 
 from __future__ import annotations
@@ -47,6 +47,23 @@ def start_at_first_routed(fm, hidden: torch.Tensor):
         handle.remove()
         for i, layer in enumerate(saved):
             layers[i] = layer
+
+
+@contextmanager
+def routed_outputs(fm):
+    """Inside, every forward appends the hidden state leaving each routed layer to the yielded list, in layer order
+    ([batch, tokens, hidden] each): the per-layer hidden-state term's student and teacher sides."""
+    got: list[torch.Tensor] = []
+
+    def hook(module, args, out):
+        got.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [layer.register_forward_hook(hook) for layer in fm.layers]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _mlp_entry(layer) -> nn.Module:
@@ -103,11 +120,14 @@ def cache_bytes(fm, rows: torch.Tensor) -> int:
 
 
 class TeacherCache:
-    """Per training row: the hidden state entering the first routed layer and the teacher's final hidden state.
-    `lazy`: rows are computed the first time a step asks for them, so a large data set that a run visits about
-    once costs no up-front pass over rows it never reaches, and a row visited again costs nothing."""
+    """Per training row: the hidden state entering the first routed layer and the teacher's final hidden state;
+    with `layers`, also the hidden state leaving each routed layer (routed layers x the row's size: 15x on SmolLM2,
+    kept only for rows a run reaches). `lazy`: rows are computed the first time a step asks for them, so a large data
+    set that a run visits about once costs no up-front pass over rows it never reaches, and a row visited again
+    costs nothing."""
 
-    def __init__(self, fm, rows: torch.Tensor, batch_size: int = 8, progress=None, lazy: bool = False):
+    def __init__(self, fm, rows: torch.Tensor, batch_size: int = 8, progress=None, lazy: bool = False,
+                 layers: bool = False):
         ref = next(fm.model.parameters())
         shape = (*rows.shape, fm.config.hidden_size)
         self.fm, self.rows = fm, rows
@@ -119,6 +139,7 @@ class TeacherCache:
         self.prefix = torch.empty(shape, dtype=ref.dtype)
         self.final = torch.empty(shape, dtype=ref.dtype)
         self.filled = torch.zeros(rows.shape[0], dtype=torch.bool)
+        self.layer_out: dict[int, torch.Tensor] | None = {} if layers else None  # canonical row -> [layers, T, H]
         if not lazy:
             for i in range(0, rows.shape[0], batch_size):
                 todo = self.canonical[i:i + batch_size].unique()
@@ -142,18 +163,25 @@ class TeacherCache:
         grab = first.register_forward_pre_hook(
             lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
         try:
-            with fm.routing("full"):
+            with fm.routing("full"), routed_outputs(fm) as outs:
                 for i in idx.tolist():  # one row at a time: its values never depend on which rows came with it,
-                    out = decoder(input_ids=self.rows[i:i + 1].to(ref.device)).last_hidden_state  # so a resumed
-                    self.prefix[i] = seen["h"][0].cpu()  # run fills exactly what an unbroken one did
+                    outs.clear()  # so a resumed run fills exactly what an unbroken one did
+                    out = decoder(input_ids=self.rows[i:i + 1].to(ref.device)).last_hidden_state
+                    self.prefix[i] = seen["h"][0].cpu()
                     self.final[i] = out[0].cpu()
+                    if self.layer_out is not None:
+                        self.layer_out[i] = torch.stack([o[0] for o in outs]).cpu()
                     self.filled[i] = True
         finally:
             grab.remove()
 
-    def lookup(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+        """(prefix, final) for these rows, and with `layers` a third: the routed layers' outputs, [layers, B, T, H]."""
         idx = self.canonical[idx]
         missing = idx[~self.filled[idx]].unique()
         if missing.numel():
             self._fill(missing)
-        return self.prefix[idx].to(device), self.final[idx].to(device)
+        got = self.prefix[idx].to(device), self.final[idx].to(device)
+        if self.layer_out is None:
+            return got
+        return *got, torch.stack([self.layer_out[i] for i in idx.tolist()], dim=1).to(device)
