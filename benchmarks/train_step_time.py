@@ -7,6 +7,9 @@ computed, interleaved in one process so that a busy machine slows every configur
                  gradient checkpointing of the routed layers)
   checkpointed:  the loss through autograd with checkpointed chunks (what the fused loss replaced)
   no-ckpt:       fused, without gradient checkpointing (--no-gradient-checkpointing: more memory, train_memory.py)
+  adapter/8:     fused, adapters twice as wide (flexi convert --adapter-reduction 8; the default is 16)
+  hidden:        fused, with the per-layer hidden-state term (config hidden_weight; its teacher cache holds each
+                 routed layer's output)
 Each step is one train_step on random tokens (4 x 256, every routed layer routed, teacher hidden states cached as in
 a run); the first repeat of each warms up and is not counted. Prints JSON: the median seconds of each.
 """
@@ -36,32 +39,43 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model, tok, info = load_base(None, dtype="float32", device="cpu")
-    fm = FlexiModel.wrap(model, tok, base_model=info.base_model)
-    for p in fm.trainable_parameters():
-        p.requires_grad_(True)
-    with torch.no_grad():  # routers that skip some tokens, so both branches of every routed layer do work
-        for layer in fm.layers:
-            torch.nn.init.normal_(layer.router.head.weight, std=0.05)
     rows = torch.randint(100, 40000, (a.batch_size, a.seq_len))
-    cached = TeacherCache(fm, rows).lookup(torch.arange(a.batch_size), "cpu")
     cfg = TrainConfig(skip_target=4, batch_size=a.batch_size, seq_len=a.seq_len)
-    fused, checkpointed = logits_fn(fm.model), logits_fn(fm.model)
+    hidden_cfg = TrainConfig(skip_target=4, batch_size=a.batch_size, seq_len=a.seq_len, hidden_weight=1.0)
+
+    def routed(reduction: int):
+        model, tok, info = load_base(None, dtype="float32", device="cpu")
+        fm = FlexiModel.wrap(model, tok, base_model=info.base_model, adapter_reduction=reduction)
+        for p in fm.trainable_parameters():
+            p.requires_grad_(True)
+        with torch.no_grad():  # routers that skip some tokens, so both branches of every routed layer do work
+            torch.manual_seed(0)
+            for layer in fm.layers:
+                torch.nn.init.normal_(layer.router.head.weight, std=0.05)
+        fm.model.train(False)
+        return fm, TeacherCache(fm, rows).lookup(torch.arange(a.batch_size), "cpu")
+
+    (fm, cached), (fm8, cached8) = routed(16), routed(8)
+    hidden_cached = TeacherCache(fm, rows, layers=True).lookup(torch.arange(a.batch_size), "cpu")
+    fused, checkpointed, fused8 = logits_fn(fm.model), logits_fn(fm.model), logits_fn(fm8.model)
     checkpointed.linear = None  # objectives.distill_loss then takes the checkpointed autograd path
-    configs = {"fused": (fused, True), "checkpointed": (checkpointed, True), "no-ckpt": (fused, False)}
-    fm.model.train(False)
+    configs = {"fused": (fm, fused, True, cfg, cached), "checkpointed": (fm, checkpointed, True, cfg, cached),
+               "no-ckpt": (fm, fused, False, cfg, cached), "adapter/8": (fm8, fused8, True, cfg, cached8),
+               "hidden": (fm, fused, True, hidden_cfg, hidden_cached)}
     times = {name: [] for name in configs}
     for _ in range(a.repeats):
-        for name, (head, ckpt) in configs.items():
-            fm.state.checkpointing = ckpt
+        for name, (model, head, ckpt, step_cfg, step_cached) in configs.items():
+            model.state.checkpointing = ckpt
             t0 = time.perf_counter()
-            train_step(fm, rows, cfg, head, 4.0, BudgetPenalty(4), cached=cached)
+            train_step(model, rows, step_cfg, head, 4.0, BudgetPenalty(4), cached=step_cached)
             times[name].append(time.perf_counter() - t0)
-            fm.model.zero_grad(set_to_none=True)
+            model.model.zero_grad(set_to_none=True)
     out = {name: round(statistics.median(t[1:] or t), 2) for name, t in times.items()}
     print(json.dumps({"seconds_per_step": out, "threads": a.threads, "batch": [a.batch_size, a.seq_len],
                       "checkpointed_over_fused": round(out["checkpointed"] / out["fused"], 3),
-                      "fused_over_no_ckpt": round(out["fused"] / out["no-ckpt"], 3)}))
+                      "fused_over_no_ckpt": round(out["fused"] / out["no-ckpt"], 3),
+                      "adapter8_over_fused": round(out["adapter/8"] / out["fused"], 3),
+                      "hidden_over_fused": round(out["hidden"] / out["fused"], 3)}))
 
 
 if __name__ == "__main__":
