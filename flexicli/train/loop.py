@@ -26,8 +26,8 @@ from ..core.errors import BadInput
 from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
-from .objectives import (distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss, logits_fn, skip_cap_loss,
-                         unit_density)
+from .objectives import (distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss, logits_fn,
+                         skip_cap_loss, unit_density)
 from .calibration import calibrate_threshold
 from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
