@@ -8,7 +8,7 @@ step then runs only the routed part of the student and no teacher at all, about 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -163,13 +163,14 @@ class TeacherCache:
         grab = first.register_forward_pre_hook(
             lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
         try:
-            with fm.routing("full"), routed_outputs(fm) as outs:
+            keep = self.layer_out is not None  # the routed layers' outputs only when the term needs them
+            with fm.routing("full"), (routed_outputs(fm) if keep else nullcontext([])) as outs:
                 for i in idx.tolist():  # one row at a time: its values never depend on which rows came with it,
-                    outs.clear()  # so a resumed run fills exactly what an unbroken one did
-                    out = decoder(input_ids=self.rows[i:i + 1].to(ref.device)).last_hidden_state
-                    self.prefix[i] = seen["h"][0].cpu()
+                    outs.clear()
+                    out = decoder(input_ids=self.rows[i:i + 1].to(ref.device)).last_hidden_state  # so a resumed
+                    self.prefix[i] = seen["h"][0].cpu()  # run fills exactly what an unbroken one did
                     self.final[i] = out[0].cpu()
-                    if self.layer_out is not None:
+                    if keep:
                         self.layer_out[i] = torch.stack([o[0] for o in outs]).cpu()
                     self.filled[i] = True
         finally:
