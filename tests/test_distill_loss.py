@@ -56,3 +56,32 @@ def test_trainable_head_takes_the_autograd_path():
     loss, _ = distill_loss(s, t, logits_fn(_Model(head)), chunk=4)
     loss.backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_token_weights_give_the_weighted_mean_and_its_gradient(fused):
+    """Weighted KL, both paths, against the definition: sum_i w_i KL_i / sum_i w_i, and its gradient by autograd."""
+    torch.manual_seed(2)
+    head = torch.nn.Linear(8, 31, bias=False).requires_grad_(False)
+    fn = logits_fn(_Model(head)) if fused else (lambda h: head(h).float())
+    s0, t = torch.randn(2, 7, 8) * 2, torch.randn(2, 7, 8)
+    w = torch.rand(2, 7) * 4 + 0.5
+    s = s0.clone().requires_grad_()
+    loss, agree = distill_loss(s, t, fn, chunk=3, weights=w)
+    loss.backward()
+    ref = s0.clone().requires_grad_()
+    per_token = F.kl_div(F.log_softmax(head(ref), -1), F.log_softmax(head(t), -1), log_target=True,
+                         reduction="none").sum(-1)
+    want = (per_token * w).sum() / w.sum()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(per_token.mean().item(), rel=1e-3)  # the weights change the figure
+    torch.testing.assert_close(s.grad, ref.grad, rtol=1e-4, atol=1e-6)
+    unweighted, _ = distill_loss(s0, t, fn, chunk=3, weights=torch.ones(2, 7))
+    assert unweighted.item() == pytest.approx(per_token.mean().item(), rel=1e-5)
+
+
+def test_token_weights_must_match_the_tokens():
+    head = torch.nn.Linear(8, 31, bias=False).requires_grad_(False)
+    with pytest.raises(RuntimeError, match="token weights"):
+        distill_loss(torch.randn(2, 5, 8), torch.randn(2, 5, 8), logits_fn(_Model(head)), weights=torch.ones(2, 4))

@@ -629,3 +629,55 @@ def test_hidden_state_term_is_zero_at_full_routing_and_moves_the_adapters(tmp_pa
     with pytest.raises(RuntimeError, match="layers=True"):
         train_step(fm, rows[:4], cfg(hidden_weight=1.0), logits_fn(fm.model), 1.0, BudgetPenalty(2),
                    cached=TeacherCache(fm, rows).lookup(torch.tensor([0, 1, 2, 3]), "cpu"))
+
+
+def test_answer_weights_find_the_answers_of_a_real_chat_template(smollm2):
+    """SmolLM2's template: the position predicting an answer's k-th token weighs 1 + w / 2**k, from the assistant
+    header's last token to the end of the turn; the system and user turns and the next conversation's prompt weigh 1."""
+    from flexicli.data.text import conversations
+    from flexicli.data.tokens import answer_header
+    from flexicli.train.objectives import answer_weights
+    from types import SimpleNamespace
+
+    _, tok, _ = smollm2
+    header, ends = answer_header(tok)
+    assert tok.decode(header) == "<|im_start|>assistant\n" and tok.eos_token_id in ends
+    texts = conversations(SimpleNamespace(tokenizer=tok), ["What is 2+3?", "Name a colour."], ["5", "Red, or blue."])
+    ids = sum((tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts), [])
+    w = answer_weights(torch.tensor([ids]), header, ends, 4.0)[0].tolist()
+    weighted = [(tok.decode(ids[i + 1]), w[i]) for i in range(len(ids) - 1) if w[i] > 1]
+    assert weighted == [("5", 5.0), ("<|im_end|>", 3.0), ("Red", 5.0), (",", 3.0), (" or", 2.0), (" blue", 1.5),
+                        (".", 1.25), ("<|im_end|>", 1.125)]
+    assert answer_weights(torch.tensor([ids]), header, ends, 0.0).eq(1).all()
+
+
+def test_answer_weight_moves_the_gradient_and_is_refused_without_answers(monkeypatch):
+    """answer_weight > 0 changes a step's gradient only through rows holding an answer; a run whose rows hold none
+    (or a model without a chat template) is refused before step 0, not trained with every weight 1."""
+    import flexicli.data.tokens as tokens
+    from flexicli.core.errors import BadInput
+    from flexicli.train.loop import train_step
+    from flexicli.train.objectives import logits_fn
+
+    fm, rows, _ = setup()
+    with pytest.raises(BadInput, match="chat template"):
+        train(fm, cfg(steps=1, answer_weight=2.0), rows=rows, heldout=None, progress=False, log=lambda m: None)
+    monkeypatch.setattr(tokens, "answer_header", lambda tok: ([1, 2], {0}))  # the tiny model's "template"
+    with pytest.raises(BadInput, match="no assistant answers"):
+        train(fm, cfg(steps=1, answer_weight=2.0), rows=rows, heldout=None, progress=False, log=lambda m: None)
+    for layer in fm.layers:  # some tokens run, some skip
+        torch.nn.init.normal_(layer.router.head.weight, std=1.0)
+        layer.router.bias.data.fill_(0.0)
+
+    def grads(batch, weight):
+        for p in fm.trainable_parameters():
+            p.grad = None
+            p.requires_grad_(True)
+        train_step(fm, batch, cfg(answer_weight=weight), logits_fn(fm.model), 1.0, BudgetPenalty(2))
+        return [p.grad.clone() for p in fm.trainable_parameters()]
+
+    plain = rows[:4]
+    assert all(torch.equal(a, b) for a, b in zip(grads(plain, 0.0), grads(plain, 4.0)))  # no answer: the same
+    chat = plain.clone()
+    chat[:, 10:12] = torch.tensor([1, 2])  # a header, then an answer up to the end of the row
+    assert any(not torch.allclose(a, b) for a, b in zip(grads(chat, 0.0), grads(chat, 4.0)))

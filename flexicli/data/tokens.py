@@ -52,3 +52,19 @@ def pad_id(model, tokenizer) -> int:
         if isinstance(pad, int):
             return pad
     return 0
+
+
+def answer_header(tokenizer) -> tuple[list[int], set[int]]:
+    """(the ids that open the assistant's turn in the chat template, the ids that end a turn): what locates an answer
+    in token rows (train.objectives.answer_weights). Taken as the ids the generation prompt adds to a user turn."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise BadInput("answer weighting needs a tokenizer with a chat template (it finds answers by the assistant's "
+                       "turn)", "set answer_weight: 0")
+    user = [{"role": "user", "content": "x"}]
+    opened = chat_ids(tokenizer, user)
+    closed = list(tokenizer(tokenizer.apply_chat_template(user, tokenize=False), add_special_tokens=False)["input_ids"])
+    if len(opened) <= len(closed) or opened[:len(closed)] != closed:
+        raise BadInput("cannot find the assistant's turn in this chat template", "set answer_weight: 0")
+    header = opened[len(closed):]
+    ends = {header[0]} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    return header, ends

@@ -36,6 +36,10 @@ class TrainConfig:
     # Measured at 1.0 on SmolLM2, N = 4, / 8 adapters, seed 0 (docs/results.md): no mid-run spike, but flexi eval
     # KL / top-1 0.204 / 0.797 against 0.186 / 0.823 with KL alone, answers the same: so off
     hidden_weight: float = 0.0
+    # objective kl: the KL at the position predicting an assistant answer's k-th token weighs 1 + answer_weight *
+    # 0.5**k (objectives.answer_weights; chat rows only, found by the chat template's assistant header). 0: every
+    # token alike
+    answer_weight: float = 0.0
     budget: str = "penalty"  # penalty: PI-controlled Lagrange term | capacity: per-unit shares (budget.BudgetCapacity) | threshold: quantile
     #                          | density: per-unit target density (budget.BudgetDensity)
     router_init: str = "influence"  # influence: fit the routers to token-level unit influence first (router_init.py) | none: fresh routers
@@ -110,6 +114,10 @@ class TrainConfig:
             raise BadInput(f"hidden_weight must be at least 0, not {self.hidden_weight}", "0 turns the term off")
         if self.hidden_weight and self.objective != "kl":
             raise BadInput(f"hidden_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
+        if self.answer_weight < 0:
+            raise BadInput(f"answer_weight must be at least 0, not {self.answer_weight}", "0 weighs every token alike")
+        if self.answer_weight and self.objective != "kl":
+            raise BadInput(f"answer_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
         if self.task_prompts < 0:
             raise BadInput(f"task_prompts must be at least 0, not {self.task_prompts}")
         if self.task_prompts and self.data not in ("selfgen", "mix"):

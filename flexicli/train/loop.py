@@ -26,7 +26,7 @@ from ..core.errors import BadInput
 from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
-from .objectives import (distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss, logits_fn,
+from .objectives import (answer_weights, distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss, logits_fn,
                          skip_cap_loss, unit_density)
 from .calibration import calibrate_threshold
 from .config import TrainConfig
@@ -165,7 +165,12 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
     finally:
         fm.state.gates = None
     if cfg.objective == "kl":
-        main, agree = distill_loss(student_h, teacher_h, head)
+        weights = None
+        if cfg.answer_weight > 0:
+            from ..data.tokens import answer_header
+
+            weights = answer_weights(batch.cpu(), *answer_header(fm.tokenizer), cfg.answer_weight)
+        main, agree = distill_loss(student_h, teacher_h, head, weights=weights)
         extra = budget.loss(target, skipped_st, density) + cfg.margin * margin
         if hidden:
             term = hidden_loss(student_layers, teacher_layers)
@@ -363,6 +368,14 @@ def _data(fm, run: _Run, rows, heldout, validation, progress, log) -> None:
     log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} "
         "held-out rows" + (" (no tokenizer: no held-out evaluation or calibration)" if fm.tokenizer is None else ""))
     run.rows, run.heldout, run.validation = rows, heldout, validation
+    if cfg.objective == "kl" and cfg.answer_weight > 0:  # refused here, not found out as weights of 1 at every step
+        from ..data.tokens import answer_header
+
+        weighted = (answer_weights(rows, *answer_header(fm.tokenizer), cfg.answer_weight) > 1).float().mean().item()
+        if weighted == 0:
+            raise BadInput("answer_weight > 0, but the training rows hold no assistant answers",
+                           "train on chat data (data mix, selfgen or conversations) or set answer_weight: 0")
+        log(f"answer weighting: {weighted:.1%} of the training tokens predict answer tokens (the first ones weigh most)")
     run.select = cfg.select and validation is not None and cfg.calibrate and heldout is not None
     if cfg.select and not run.select and run.start < cfg.steps:
         why = ("no validation rows (they come with data selfgen and mix)" if validation is None

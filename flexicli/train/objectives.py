@@ -31,16 +31,17 @@ def logits_fn(model):
     return fn
 
 
-def _kl_chunk(s_h, t_h, head):
+def _kl_chunk(s_h, t_h, head, w=None):
     s = F.log_softmax(head(s_h), dim=-1)
     with torch.no_grad():
         t = F.log_softmax(head(t_h), dim=-1)
         agree = (s.argmax(-1) == t.argmax(-1)).sum()
-    return (t.exp() * (t - s)).sum(), agree
+    kl = (t.exp() * (t - s)).sum(-1)
+    return (kl if w is None else kl * w).sum(), agree
 
 
 class _FusedKL(torch.autograd.Function):
-    """Mean KL(teacher || student) over tokens [N, hidden] and the top-1 agreement, with the gradient for the student's
+    """Mean KL(teacher || student) over tokens [N, hidden] (weighted by `w` [N] if given) and the top-1 agreement, with the gradient for the student's
     hidden states computed in the same pass over token chunks: d KL / d logits = softmax(s) - softmax(t) (times
     1 - tanh^2 under soft-capping), then through the frozen head once. Checkpointed autograd instead applies the head
     five times a chunk (teacher and student in forward, both again in the recompute, the student's backward) and
@@ -48,7 +49,7 @@ class _FusedKL(torch.autograd.Function):
     with its backward took 5.2 s against 8.8 s, about a third of a training step."""
 
     @staticmethod
-    def forward(ctx, s, t, head, chunk):
+    def forward(ctx, s, t, head, chunk, w):
         weight, cap = head.linear.weight, head.cap
         grad = torch.empty_like(s)
         total = torch.zeros((), dtype=torch.float32, device=s.device)
@@ -60,41 +61,74 @@ class _FusedKL(torch.autograd.Function):
             del zt  # in place from here on: a chunk holds at most four vocabulary-wide tensors
             p = t_lp.exp()
             s_lp = F.log_softmax(zs, dim=-1)
-            total += t_lp.sub_(s_lp).mul_(p).sum()
+            kl = t_lp.sub_(s_lp).mul_(p).sum(-1)
             del t_lp
             g = s_lp.exp_().sub_(p)  # d sum(KL) / d (capped) logits
             if cap:
                 g *= 1 - (zs / cap).square()
             del zs, p
+            if w is not None:
+                kl, g = kl * w[i:i + chunk], g.mul_(w[i:i + chunk, None])
+            total += kl.sum()
             grad[i:i + chunk] = g.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         n = s.shape[0]
         agree = agree.float() / n
         ctx.mark_non_differentiable(agree)
-        return total / n, agree
+        ctx.norm = n if w is None else w.sum().item()
+        return total / ctx.norm, agree
 
     @staticmethod
     def backward(ctx, grad_loss, grad_agree):
         (grad,) = ctx.saved_tensors
-        return grad * (grad_loss / grad.shape[0]).to(grad.dtype), None, None, None
+        return grad * (grad_loss / ctx.norm).to(grad.dtype), None, None, None, None
 
 
-def distill_loss(student_h, teacher_h, head, chunk: int | None = None):
+def distill_loss(student_h, teacher_h, head, chunk: int | None = None, weights: torch.Tensor | None = None):
     """Mean KL(teacher || student) per token and the top-1 agreement, computed over token chunks, so full-vocabulary
     logits of the whole batch never sit in memory at once: fused with its gradient (_FusedKL) when the head is a
-    frozen Linear, else with checkpointing."""
+    frozen Linear, else with checkpointing. `weights` (shaped like the tokens, e.g. answer_weights'): a weighted mean
+    of the per-token KL instead (the agreement stays a plain share)."""
     s, t = student_h.reshape(-1, student_h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1])
+    w = weights.reshape(-1).to(device=s.device, dtype=torch.float32) if weights is not None else None
+    if w is not None and w.shape[0] != s.shape[0]:
+        raise RuntimeError(f"distill_loss: {w.shape[0]} token weights for {s.shape[0]} tokens")
     total, agree, chunk = 0.0, 0, chunk or getattr(head, "chunk", 512)
     linear = getattr(head, "linear", None)
     if s.requires_grad and linear is not None and not any(p.requires_grad for p in linear.parameters()):
-        return _FusedKL.apply(s, t.detach(), head, chunk)
+        return _FusedKL.apply(s, t.detach(), head, chunk, w)
     for i in range(0, s.shape[0], chunk):
+        wi = w[i:i + chunk] if w is not None else None
         if s.requires_grad:
-            kl, a = checkpoint(_kl_chunk, s[i:i + chunk], t[i:i + chunk], head, use_reentrant=False)
+            kl, a = checkpoint(_kl_chunk, s[i:i + chunk], t[i:i + chunk], head, wi, use_reentrant=False)
         else:
-            kl, a = _kl_chunk(s[i:i + chunk], t[i:i + chunk], head)
+            kl, a = _kl_chunk(s[i:i + chunk], t[i:i + chunk], head, wi)
         total, agree = total + kl, agree + a
-    return total / s.shape[0], agree.float() / s.shape[0]
+    return total / (s.shape[0] if w is None else w.sum()), agree.float() / s.shape[0]
+
+
+def answer_weights(ids: torch.Tensor, header: list[int], ends: set[int], weight: float,
+                   decay: float = 0.5) -> torch.Tensor:
+    """Per position of token rows [B, T], the KL's weight: 1, plus `weight * decay**k` at the position that predicts
+    the k-th token of an assistant answer (k = 0: the last token of the answer `header`, which predicts the first
+    answer token). An answer runs from its header to the next id in `ends` (end of turn, EOS). Why: `flexi eval`'s
+    task answers are short, their first tokens decide them, and those are where the routed model flips most."""
+    B, T = ids.shape
+    w = torch.ones(B, T)
+    if weight <= 0:
+        return w
+    n, rows = len(header), ids.tolist()
+    for b, row in enumerate(rows):
+        k = None  # answer position index while inside an answer
+        for i, tok in enumerate(row):
+            if k is None and i + 1 >= n and row[i + 1 - n:i + 1] == header:
+                k = 0
+            elif k is not None and tok in ends:
+                k = None
+            if k is not None:
+                w[b, i] += weight * decay ** k
+                k += 1
+    return w
 
 
 def hidden_loss(student: list[torch.Tensor], teacher) -> torch.Tensor:
