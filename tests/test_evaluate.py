@@ -284,6 +284,31 @@ def test_real_exact_conversion_passes_and_damage_fails(smollm2):
     assert bad["greedy_match"] == 0.0 and bad["passed"] is False
 
 
+@pytest.mark.real
+def test_real_yardstick_runs_the_task_suite_on_the_quantised_copies(smollm2, monkeypatch):
+    """With tasks, the yardstick's copies answer the suite too: their scores are those of the copy generating on its
+    own (quantised() around generate_ids), and a copy rounded to ruin (2 bits) loses the items, so the copies really
+    ran quantised and not as the original."""
+    import flexicli.evaluation.evaluate as ev
+    from flexicli.data.tasks import load_tasks
+
+    model, tok, info = smollm2
+    fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
+    tasks = load_tasks(categories=["factual_qa"], per_category=2)
+    monkeypatch.setattr(ev, "YARDSTICK", {"int8": dict(bits=8, group_size=None), "int4": dict(bits=2, group_size=None)})
+    r = evaluate(fm, data=TEXTS[:1], prompts=[], tasks=tasks, yardstick=True, **{**SMALL, "max_samples": 1})
+    prompts = [ev.prompt_ids(tok, t.prompt, chat=True) for t in tasks]
+    with ev.quantised(fm, bits=8):
+        outs = ev.generate_ids(fm, prompts, tasks[0].max_new_tokens, {"mode": "full"})
+    direct = [t.score(x) for t, x in zip(tasks, tok.batch_decode(outs, skip_special_tokens=True))]
+    int8, ruined = r["yardstick"]["int8"], r["yardstick"]["int4"]
+    assert int8["task_score"] == pytest.approx(sum(direct) / len(direct))
+    assert int8["retention"] == pytest.approx(int8["task_score"] / r["task_score_original"])
+    assert r["task_score_original"] > 0 and ruined["retention"] < 0.5 and ruined["task_flips"]["correct_to_wrong"] > 0
+    assert set(int8) >= {"kl", "kl_p99", "top1_agreement", "retention", "task_score", "task_flips"}
+    assert r["retention"] == pytest.approx(1.0)  # the routed model (routers fresh: every layer runs) untouched
+
+
 def test_task_suite_is_full_deterministic_and_scored_as_documented():
     from flexicli.data.tasks import CATEGORIES, PER_CATEGORY, load_tasks
 

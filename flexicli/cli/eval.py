@@ -55,8 +55,9 @@ class Limit(click.ParamType):
 @click.option("--min-greedy-match", type=Limit(), default="off", show_default=True,
               help="Lowest fraction of prompts with identical greedy continuations.")
 @click.option("--yardstick", is_flag=True, help="Also measure int8 and int4 (groups of 32) fake-quantised copies of "
-              "the original under teacher forcing, to place the routed model's KL between them. Costs two more "
-              "teacher-forced passes.")
+              "the original under teacher forcing, to place the routed model's KL between them, and on the task "
+              "suite, to read its retention against theirs. Costs two more teacher-forced passes and two more runs "
+              "of the suite.")
 @click.option("--lm-eval-tasks", default=None, help="Also run these lm-evaluation-harness tasks (comma-separated, "
               "e.g. hellaswag,arc_easy) on both models: scores, retention and flips per task. Needs "
               "`pip install 'flexicli[lm-eval]'`; not part of the verdict.")
@@ -192,6 +193,9 @@ def _print_report(r: dict) -> None:
                   f"(int8: KL {_fmt(ys['int8']['kl'])}, p99 {_fmt(ys['int8']['kl_p99'])}, top-1 "
                   f"{_fmt(ys['int8']['top1_agreement'], True)}; int4 g32: KL {_fmt(ys['int4']['kl'])}, p99 "
                   f"{_fmt(ys['int4']['kl_p99'])}, top-1 {_fmt(ys['int4']['top1_agreement'], True)})")
+        if ys["int8"].get("retention") is not None or ys["int4"].get("retention") is not None:
+            out.print(f"yardstick: task retention routed {_fmt(r.get('retention'))}, int8 copy "
+                      f"{_fmt(ys['int8'].get('retention'))}, int4 g32 copy {_fmt(ys['int4'].get('retention'))}")
     out.print("skip rate per routed unit: " + "  ".join(
         f"{layer}:{100 * rate:.0f}%" for layer, rate in r["per_layer_skip_rate"].items()))
     if r.get("task_scores"):

@@ -11,7 +11,8 @@ What is measured, always the routed model against the original:
   kl_p99                the 99th percentile of the per-token KL: the tail the mean hides (a few tokens whose
                         prediction changes a lot)
   yardstick             (yardstick=True) the same teacher-forced metrics for int8 and int4 fake-quantised copies
-                        of the original, so a KL reads as "closer than int8" .. "further than int4"
+                        of the original, so a KL reads as "closer than int8" .. "further than int4"; with the task
+                        suite also their retention and flips, so a retention reads against copies that only round
   greedy_match          greedy generation from held-out prompts: the fraction of prompts whose new tokens are
                         identical, and greedy_first_divergence, the mean index of the first token that differs
                         (an identical continuation counts as new_tokens: no divergence within the budget)
@@ -30,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -383,9 +384,13 @@ def compare_answers(fm, pairs: list[tuple[list[int], list[int]]], routing: dict,
             "task_answer_tokens": sum(len(a) for _, a in pairs)}
 
 
-def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None) -> dict:
+def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None,
+                  variants: dict[str, Callable] | None = None) -> dict:
     """The task suite on both models; each category's batches use that category's answer length. Also
-    compare_answers on the original's answers."""
+    compare_answers on the original's answers. `variants`: name -> a context-manager factory (the yardstick's
+    quantised originals), each run on the suite too and compared with the original under "yardstick_tasks"."""
+    models = {"original": ({"mode": "full"}, nullcontext), "routed": (routing, nullcontext),
+              **{name: ({"mode": "full"}, make) for name, make in (variants or {}).items()}}
     scores: dict[str, dict[str, list[float]]] = {}
     answers: list[tuple[list[int], list[int]]] = []
     by_category: dict[str, list] = {}
@@ -394,24 +399,30 @@ def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None) ->
     for category, items in by_category.items():
         for batch in _batches(items, batch_size):
             prompts = [prompt_ids(fm.tokenizer, t.prompt, chat=True) for t in batch]
-            for name, mode in (("original", {"mode": "full"}), ("routed", routing)):
-                outs = generate_ids(fm, prompts, batch[0].max_new_tokens, mode)
+            for name, (mode, make) in models.items():
+                with make():
+                    outs = generate_ids(fm, prompts, batch[0].max_new_tokens, mode)
                 if name == "original":
                     answers += zip(prompts, outs)
                 texts = fm.tokenizer.batch_decode(outs, skip_special_tokens=True)
-                scores.setdefault(category, {"original": [], "routed": []})[name] += [
-                    t.score(x) for t, x in zip(batch, texts)]
+                scores.setdefault(category, {k: [] for k in models})[name] += [t.score(x) for t, x in zip(batch, texts)]
             if tick:
                 tick(len(batch))
     per_category = {c: {"original": _mean(s["original"]), "routed": _mean(s["routed"]),
                         "retention": retention(s["original"], s["routed"]), "items": len(s["original"]),
                         "flips": _item_flips(s["original"], s["routed"])}
                     for c, s in scores.items()}
-    everything = {k: [x for s in scores.values() for x in s[k]] for k in ("original", "routed")}
-    return {"retention": retention(everything["original"], everything["routed"]),
-            "task_score_original": _mean(everything["original"]), "task_score_routed": _mean(everything["routed"]),
-            "task_scores": per_category, "task_flips": _item_flips(everything["original"], everything["routed"]),
-            **compare_answers(fm, answers, routing, batch_size)}
+    everything = {k: [x for s in scores.values() for x in s[k]] for k in models}
+    out = {"retention": retention(everything["original"], everything["routed"]),
+           "task_score_original": _mean(everything["original"]), "task_score_routed": _mean(everything["routed"]),
+           "task_scores": per_category, "task_flips": _item_flips(everything["original"], everything["routed"]),
+           **compare_answers(fm, answers, routing, batch_size)}
+    if variants:
+        out["yardstick_tasks"] = {name: {"retention": retention(everything["original"], everything[name]),
+                                         "task_score": _mean(everything[name]),
+                                         "task_flips": _item_flips(everything["original"], everything[name])}
+                                  for name in variants}
+    return out
 
 
 def _item_flips(original: Sequence[float], routed: Sequence[float]) -> dict:
@@ -462,8 +473,11 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
     routing: how the routed model routes (fm.routing keywords); default {"mode": "routed"}.
     progress: called as progress(stage, done, total) after each batch.
     yardstick: also compare int8 and int4 fake-quantised copies of the original with it under teacher forcing
-        (two more forward passes per batch): result["yardstick"] = {"int8": {kl, kl_p99, top1_agreement},
-        "int4": {...}} and result["yardstick_place"], e.g. "between int8 and int4" (see place()).
+        (two more forward passes per batch) and, with tasks, on the task suite (two more generations per batch):
+        result["yardstick"] = {"int8": {kl, kl_p99, top1_agreement, retention, task_score, task_flips}, "int4":
+        {...}} and result["yardstick_place"], e.g. "between int8 and int4" (see place()). The copies' retention
+        shows how far the suite moves when only weight rounding changes (on SmolLM2 an int8 copy at KL 0.004 keeps
+        0.86 of the score: docs/eval.md).
     lm_eval: keywords for flexicli.evaluation.lm_eval.compare (tasks, include, limit, num_fewshot): lm-evaluation-harness
         tasks on both models, result["lm_eval"] (needs the lm-eval extra; not part of the verdict).
     """
@@ -510,7 +524,9 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
                                                           ticker("greedy generation", len(greedy_prompts))))
     if tasks:
         timed("task suite", lambda: compare_tasks(fm, tasks, routing, 2 * batch_size,
-                                                  ticker("task suite", len(tasks))))
+                                                  ticker("task suite", len(tasks)), variants))
+        for name, figures in result.pop("yardstick_tasks", {}).items():
+            result["yardstick"][name].update(figures)
     if lm_eval:
         from . import lm_eval as harness
 
