@@ -102,7 +102,7 @@ def test_damaged_checkpoint_fails_with_exit_code_1(checkpoint):
     assert "Verdict: **failed** (" in (checkpoint / CARD_FILE).read_text()
 
 
-def test_yardstick_places_the_routed_model(checkpoint):
+def test_yardstick_places_the_routed_model(checkpoint, capsys):
     fm = FlexiModel.load(checkpoint, device="cpu")
     damage(fm)
     fm.save(checkpoint, overwrite=True)
@@ -118,6 +118,14 @@ def test_yardstick_places_the_routed_model(checkpoint):
     assert "| yardstick.int4.kl_p99 |" in card and f"| yardstick_place | {result['yardstick_place']} |" in card
     printed = flexi_here(*args, "--no-save").stdout
     assert f"yardstick: routed KL {result['kl']:.4g} is {result['yardstick_place']} (int8: KL" in printed
+    # with the task suite the copies have a retention too (the tiny model scores 0: set here), printed beside the
+    # routed model's
+    from flexicli.cli.eval import _print_report
+
+    capsys.readouterr()
+    _print_report({**result, "retention": 0.6, "yardstick": {"int8": {**ys["int8"], "retention": 0.86},
+                                                             "int4": {**ys["int4"], "retention": 0.79}}})
+    assert "yardstick: task retention routed 0.6, int8 copy 0.86, int4 g32 copy 0.79" in capsys.readouterr().out
 
 
 def test_thresholds_are_overridable(checkpoint):
