@@ -26,8 +26,8 @@ from ..core.errors import BadInput
 from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
-from .objectives import (answer_weights, distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss, logits_fn,
-                         skip_cap_loss, unit_density)
+from .objectives import (answer_weights, distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss,
+                         logits_fn, skip_cap_loss, unit_density)
 from .calibration import calibrate_threshold
 from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
@@ -375,7 +375,8 @@ def _data(fm, run: _Run, rows, heldout, validation, progress, log) -> None:
         if weighted == 0:
             raise BadInput("answer_weight > 0, but the training rows hold no assistant answers",
                            "train on chat data (data mix, selfgen or conversations) or set answer_weight: 0")
-        log(f"answer weighting: {weighted:.1%} of the training tokens predict answer tokens (the first ones weigh most)")
+        log(f"answer weighting: {weighted:.1%} of the training tokens predict answer tokens (the first ones weigh "
+            "most)")
     run.select = cfg.select and validation is not None and cfg.calibrate and heldout is not None
     if cfg.select and not run.select and run.start < cfg.steps:
         why = ("no validation rows (they come with data selfgen and mix)" if validation is None

@@ -41,12 +41,12 @@ def _kl_chunk(s_h, t_h, head, w=None):
 
 
 class _FusedKL(torch.autograd.Function):
-    """Mean KL(teacher || student) over tokens [N, hidden] (weighted by `w` [N] if given) and the top-1 agreement, with the gradient for the student's
-    hidden states computed in the same pass over token chunks: d KL / d logits = softmax(s) - softmax(t) (times
-    1 - tanh^2 under soft-capping), then through the frozen head once. Checkpointed autograd instead applies the head
-    five times a chunk (teacher and student in forward, both again in the recompute, the student's backward) and
-    takes each log-softmax twice: measured on SmolLM2's head (49152 x 576) at 1024 tokens, 1 CPU thread, the loss
-    with its backward took 5.2 s against 8.8 s, about a third of a training step."""
+    """Mean KL(teacher || student) over tokens [N, hidden] (weighted by `w` [N] if given) and the top-1 agreement, with
+    the gradient for the student's hidden states computed in the same pass over token chunks: d KL / d logits =
+    softmax(s) - softmax(t) (times 1 - tanh^2 under soft-capping), then through the frozen head once. Checkpointed
+    autograd instead applies the head five times a chunk (teacher and student in forward, both again in the recompute,
+    the student's backward) and takes each log-softmax twice: measured on SmolLM2's head (49152 x 576) at 1024 tokens, 1
+    CPU thread, the loss with its backward took 5.2 s against 8.8 s, about a third of a training step."""
 
     @staticmethod
     def forward(ctx, s, t, head, chunk, w):
