@@ -1,7 +1,7 @@
 """Adapter initialisation without any training: static skipping of the K least influential routed layers of SmolLM2,
 with fresh adapters (down_proj = 0), ridge least squares only, and least squares plus the local MSE phase.
 
-    python benchmarks/adapter_init_probe.py --skip 4 [--adapter-reduction 8]
+    python benchmarks/adapter_init_probe.py --skip 4 [--adapter-reduction 8] [--layers all]
 """
 
 from __future__ import annotations
@@ -17,19 +17,20 @@ def main():
     ap.add_argument("--heldout-rows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--adapter-reduction", type=int, default=16, help="adapter width = the MLP's width / this")
+    ap.add_argument("--layers", default="half", help="layers to route, as flexi convert --layers")
     args = ap.parse_args()
 
     from flexicli.train.adapter_init import fit_adapters
     from flexicli.core.base_model import load_base
     from flexicli.evaluation.evaluate import compare_teacher_forced
-    from flexicli.core.flexi_model import FlexiModel
+    from flexicli.core.flexi_model import FlexiModel, parse_layers
     from flexicli.train.router_init import unit_influence
     from flexicli.train.config import TrainConfig
     from flexicli.train.loop import heldout_rows, training_rows
 
     model, tok, info = load_base(None, dtype="float32", device="cpu")
     n = model.config.num_hidden_layers
-    fm = FlexiModel.wrap(model, tok, routed_layers=range(n // 2, n), base_model=info.base_model,
+    fm = FlexiModel.wrap(model, tok, routed_layers=parse_layers(args.layers, n), base_model=info.base_model,
                         adapter_reduction=args.adapter_reduction)
     cfg = TrainConfig(skip_target=args.skip, seq_len=args.seq_len)
     rows, held = training_rows(fm, cfg), heldout_rows(fm, args.seq_len)[: args.heldout_rows]
@@ -37,7 +38,8 @@ def main():
     order = infl.mean(0).argsort().tolist()
     skip = frozenset(fm.config.routed_layers[i] for i in order[: args.skip])
     routing = {"mode": "fixed", "skip_layers": skip}
-    out = {"skip_layers": sorted(skip), "train_rows": rows.shape[0], "heldout_rows": held.shape[0]}
+    out = {"layers": args.layers, "mean_influence": [round(x, 4) for x in infl.mean(0).tolist()],
+           "skip_layers": sorted(skip), "train_rows": rows.shape[0], "heldout_rows": held.shape[0]}
 
     def measure(name):
         r = compare_teacher_forced(fm, held.tolist(), routing, 4)
