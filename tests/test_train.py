@@ -562,6 +562,45 @@ def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypat
     assert all(torch.allclose(o, e, atol=1e-6) for o, e in zip(off, final))
 
 
+def test_candidates_are_compared_at_the_target_count(tmp_path, monkeypatch):
+    """select: each validation pass runs at the threshold that makes the candidate skip the target on the validation
+    rows (what calibration gives the checkpoint), not at the trained one, where weights that skip less win on KL;
+    without select, at the trained threshold as before."""
+    import flexicli.train.loop as loop
+    from flexicli.train.calibration import calibrate_threshold, mean_skipped
+
+    real = loop.heldout_metrics
+    _, rows, heldout = setup()
+    validation = rows[:3]
+
+    def run(name, select):
+        seen = []
+
+        def metrics(fm, r, batch_size=4):
+            if r.shape == validation.shape and torch.equal(r, validation):
+                with fm.routing(threshold=fm.config.threshold):  # what this candidate needs to skip the target
+                    want = calibrate_threshold(fm, r, 1.0, start=fm.config.threshold)
+                seen.append((fm.state.threshold, want, fm.config.threshold, mean_skipped(fm, r)))
+            return real(fm, r, batch_size)
+
+        monkeypatch.setattr(loop, "heldout_metrics", metrics)
+        fm = tiny_at(tmp_path / name)
+        c = cfg(steps=6, eval_every=2, save_every=6, ema=0.6, calibrate=True, select=select)
+        train(fm, c, rows=rows, heldout=heldout, validation=validation, progress=False, log=lambda m: None)
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return seen, [r["validation"] for r in records if "validation" in r]
+
+    seen, records = run("on", True)
+    assert len(seen) == len(records) == 3
+    for (used, want, trained, skipped), rec in zip(seen, records):
+        assert used == pytest.approx(want) and rec["threshold"] == pytest.approx(want)
+        assert abs(skipped - 1.0) <= 0.05, (used, trained, skipped)  # 96 tokens: a few tokens off at most
+        assert rec["mean_skipped_layers"] == pytest.approx(skipped)
+    assert any(used != trained for used, _, trained, _ in seen)  # the trained threshold alone would not do
+    seen, records = run("off", False)
+    assert all(used == trained for used, _, trained, _ in seen) and all("threshold" not in r for r in records)
+
+
 def test_validation_rows_are_their_own_prompts(smollm2, monkeypatch):
     """Data selfgen/mix: the validation prompts' conversations become the validation rows and never training rows;
     the three splits are disjoint; the answers are asked for in one list in file order (the cache key of before the
