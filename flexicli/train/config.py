@@ -74,7 +74,8 @@ class TrainConfig:
     # the seed whose last steps went wrong, 0.272 against 0.260 on the other; top-1 the same
     ema: float = 0.97
     # the checkpoint holds the weights (the average, with ema) that did best on the validation prompts at the
-    # evaluations (every eval_every steps and the last); needs validation rows (data selfgen, mix) and calibration.
+    # evaluations (every eval_every steps and the last), each scored at the threshold that skips the target there;
+    # needs validation rows (data selfgen, mix) and calibration.
     # Why: the default run at 95325b9 stood at held-out KL 0.237 at step 120 and 0.286 at step 180
     select: bool = True
     cache_teacher: bool = True  # keep teacher hidden states per row (if under CACHE_LIMIT): about half the work per step
