@@ -525,9 +525,13 @@ def test_teacher_cache_computes_a_repeated_row_once(lazy):
 def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypatch):
     """select: the checkpoint holds the weights (here the average) of the evaluation with the lowest validation KL,
     not the last one's, and a run killed after that evaluation resumes to the same choice. The validation KLs are
-    scripted (0.5, 0.1, 0.9 at steps 2, 4, 6) so that the best is not the last."""
+    scripted (0.5, 0.1, 0.9 at steps 2, 4, 6) so that the best is not the last. A state saved before the selection
+    compared candidates at the target count is not resumed to its choice."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     import flexicli.train.loop as loop
-    from flexicli.train.resume import saved_weights
+    from flexicli.train.resume import TRAIN_STATE, saved_weights
 
     real = loop.heldout_metrics
     _, rows, heldout = setup()
@@ -548,6 +552,7 @@ def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypat
         return summary, [p.detach().clone() for p in fm.trainable_parameters()]
 
     summary, chosen = run("a", [0.5, 0.1, 0.9])
+    assert set(summary["wall_seconds"]) == {"data", "warm_starts", "steps", "finish"}
     assert summary["selected_step"] == 4 and summary["selected_validation_kl"] == pytest.approx(0.1)
     run("b", [0.5, 0.1], stop_after=4)
     at_4 = saved_weights(tmp_path / "b")["ema"]  # the average as it stood at step 4
@@ -557,6 +562,18 @@ def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypat
     resumed_summary, resumed = run("b", [0.9], resume=True)
     assert resumed_summary["selected_step"] == 4
     assert all(torch.allclose(c, r, atol=1e-6) for c, r in zip(chosen, resumed))
+    # a training state saved before candidates were compared at the target count (its selection has no
+    # "at_target"): its step-4 score is not comparable, so the resumed run picks among what it evaluates itself
+    run("d", [0.5, 0.1], stop_after=4)
+    state = tmp_path / "d" / TRAIN_STATE
+    with safe_open(state, "pt") as f:
+        meta, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    scalars = json.loads(meta["scalars"])
+    assert scalars["selected"] == {"step": 4, "kl": pytest.approx(0.1), "at_target": True}
+    del scalars["selected"]["at_target"]
+    save_file(flat, state, metadata={**meta, "scalars": json.dumps(scalars)})
+    old_summary, _ = run("d", [0.9], resume=True)
+    assert old_summary["selected_step"] == 6 and old_summary["selected_validation_kl"] == pytest.approx(0.9)
     off_summary, off = run("c", [0.5, 0.1, 0.9], select=False)  # off: the last average, as before
     assert "selected_step" not in off_summary
     assert all(torch.allclose(o, e, atol=1e-6) for o, e in zip(off, final))

@@ -90,4 +90,6 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
                          "the selected weights)"))
     rates = summary.get("per_layer_skip_rate", {})
     table.add_row("per-unit skip rate", " ".join(f"{k}:{v:.2f}" for k, v in rates.items()))
+    if "wall_seconds" in summary:
+        table.add_row("wall time", "  ".join(f"{k} {v / 60:.1f} min" for k, v in summary["wall_seconds"].items()))
     Console().print(table)

@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -277,6 +277,7 @@ class _Run:
     validation: torch.Tensor | None = None
     select: bool = False  # the checkpoint gets the evaluated weights with the lowest validation KL (cfg.select)
     best: dict | None = None  # {"step", "kl", "weights"}: the best evaluated so far
+    seconds: dict = field(default_factory=dict)  # wall time per phase of this process (the summary's "wall_seconds")
 
 
 def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False, rows: torch.Tensor | None = None,
@@ -294,9 +295,12 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     if not dist.is_main:  # distributed: rank 0 reports
         log, progress = (lambda m: None), None
     run = _setup(fm, cfg, folder, resume, dist, log)
-    _data(fm, run, rows, heldout, validation, progress, log)
-    _before_step_0(fm, run, progress, log)
-    stopped_at = _steps(fm, run, folder, stop_after, progress)
+    for phase, work in (("data", lambda: _data(fm, run, rows, heldout, validation, progress, log)),
+                        ("warm_starts", lambda: _before_step_0(fm, run, progress, log)),
+                        ("steps", lambda: _steps(fm, run, folder, stop_after, progress))):
+        t0 = time.perf_counter()
+        stopped_at = work()
+        run.seconds[phase] = round(time.perf_counter() - t0, 1)
     return {"stopped_at": stopped_at} if stopped_at is not None else _finish(fm, run, folder)
 
 
@@ -550,7 +554,7 @@ def _selection(run: _Run) -> dict | None:
 
 def _finish(fm, run: _Run, folder: Path | None) -> dict:
     """Held-out metrics, the threshold calibrated to the target, greedy agreement; the final save."""
-    cfg = run.cfg
+    cfg, t0 = run.cfg, time.perf_counter()
     for p in run.params:
         p.requires_grad_(False)
     summary = {"steps": cfg.steps, "objective": cfg.objective, "data": cfg.data, "budget": cfg.budget,
@@ -589,6 +593,8 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
     for key in ("router_fit", "adapter_fit", "penalty_start"):  # from before step 0, maybe an earlier process
         if (fm.config.training or {}).get(key) is not None:
             summary[key] = fm.config.training[key]
+    # where a run's time went (this process: a resumed run's counts start at the resume); the final save not included
+    summary["wall_seconds"] = {**run.seconds, "finish": round(time.perf_counter() - t0, 1)}
     if folder:
         run.dist.on_main(save_training, fm, folder, cfg, cfg.steps, run.opt, run.budget, summary, weights,
                          _selection(run))
