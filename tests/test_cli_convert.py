@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def flexi(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -67,3 +69,19 @@ def test_corrupted_checkpoint_fails_in_a_fresh_process(tiny_folder, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     r = flexi("--debug", "convert", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_layer_specs():
+    """The default routes every layer but the first two (a model under four layers: its second half); 'half' is
+    FlexiDepth's second half; '2-' runs to the last layer; bad specs are refused, not read as something else."""
+    from flexicli.core.errors import BadInput
+    from flexicli.core.flexi_model import parse_layers
+
+    assert parse_layers(None, 30) == list(range(2, 30)) and parse_layers(None, 18) == list(range(2, 18))
+    assert parse_layers(None, 2) == [1] and parse_layers(None, 3) == [1, 2] and parse_layers(None, 4) == [2, 3]
+    assert parse_layers("half", 30) == list(range(15, 30)) and parse_layers("all", 3) == [0, 1, 2]
+    assert parse_layers("2-", 6) == [2, 3, 4, 5] and parse_layers("0,3-", 5) == [0, 3, 4]
+    assert parse_layers("10-12,20", 30) == [10, 11, 12, 20]
+    for bad in ("2-x", "-", "a", "5-", "3-1"):
+        with pytest.raises(BadInput):
+            parse_layers(bad, 4)

@@ -24,7 +24,7 @@ def test_train_cli_few_steps_and_errors(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     r = flexi("train", "--skip-target", "99", cwd=tmp_path)
-    assert r.returncode == 2 and "outside 0..15" in r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "outside 0..28" in r.stderr.strip().splitlines()[-1]
     r = flexi("train", "--skip-target", "2", "--data", str(tmp_path / "missing.jsonl"), cwd=tmp_path)
     assert r.returncode == 2 and "no such data file" in r.stderr
 

@@ -280,7 +280,7 @@ def test_real_exact_conversion_passes_and_damage_fails(smollm2):
     assert r["passed"] is True
     damage(fm)
     bad = evaluate(fm, data=TEXTS, prompts=PROMPTS[:1], tasks=[], **SMALL)
-    assert bad["mean_skipped_layers"] == 15.0 and bad["kl"] > 1.0 and bad["top1_agreement"] < 0.5
+    assert bad["mean_skipped_layers"] == len(fm.layers) and bad["kl"] > 1.0 and bad["top1_agreement"] < 0.5
     assert bad["greedy_match"] == 0.0 and bad["passed"] is False
 
 

@@ -26,7 +26,7 @@ def chat_ids(tok, text):
 def test_converted_greedy_generation_is_identical(smollm2, tmp_path):
     model, tok, info = smollm2
     fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
-    assert fm.config.routed_layers == list(range(15, 30))
+    assert fm.config.routed_layers == list(range(2, 30))  # every layer but the first two
     for prompt in CHAT_PROMPTS:
         x = chat_ids(tok, prompt)
         kw = dict(max_new_tokens=32, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -39,7 +39,7 @@ def test_converted_greedy_generation_is_identical(smollm2, tmp_path):
     # round trip through a real checkpoint folder: small, and the same logits
     fm.save(tmp_path / "ckpt")
     size = sum(p.stat().st_size for p in (tmp_path / "ckpt").iterdir())
-    assert size < 20e6
+    assert size < 4 * sum(p.numel() for p in fm.trainable_parameters()) + 1e6  # routers and adapters, not the base
     loaded = FlexiModel.load(tmp_path / "ckpt")
     x = chat_ids(tok, CHAT_PROMPTS[0])
     with torch.no_grad():

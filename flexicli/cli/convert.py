@@ -8,7 +8,7 @@ from .common import device_options, emit_json, json_option, stderr_console
                "MODEL is a Hub id, a local folder, a .gguf file, or nothing for the embedded SmolLM2-135M-Instruct.")
 @click.argument("model_spec", metavar="[MODEL]", required=False)
 @click.option("-o", "--output", default=DEFAULT_DIR, show_default=True, help="Checkpoint folder to write.")
-@click.option("--layers", default=None, help="Layers to route: 'half' (default, the second half), 'all', '16-31', '16,18,20'.")
+@click.option("--layers", default=None, help="Layers to route: every layer but the first two (default), 'half' (the second half), 'all', '16-31', '2-' (2 to the last), '16,18,20'.")
 @click.option("--gate-mode", type=click.Choice(["ste", "scale"]), default="ste", show_default=True,
               help="ste: exact hard routing, straight-through gradient; scale: official FlexiDepth w-scaling.")
 @click.option("--skip-unit", default="layer", show_default=True,

@@ -1,6 +1,6 @@
 """FlexiModel: a Hugging Face causal LM whose chosen decoder layers are wrapped by FlexiLayer.
 
-    fm = FlexiModel.wrap(hf_model, tokenizer, routed_layers=range(15, 30))
+    fm = FlexiModel.wrap(hf_model, tokenizer, routed_layers=range(2, 30))
     with fm.routing("full"):  ...           # the original model (teacher)
     with fm.record() as rec:  fm.model(ids)  # rec.decisions(): [B, T, n_routed] bool, True = ran
 """
@@ -37,20 +37,25 @@ def submodule(root: nn.Module, dotted: str):
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
-    """'half' (default: the second half), 'all', '16-31', '16,18,20' or a mix such as '10-12,20'."""
+    """None (the default): every layer but the first two, which change the residual stream most (measured on SmolLM2:
+    influence 0.99 and 0.18 against 0.03-0.07 for layers 2-28; docs/design.md), or the second half of a model with
+    fewer than four layers. Else 'half' (the second half, as FlexiDepth), 'all', '16-31', '2-' (2 to the last),
+    '16,18,20' or a mix such as '10-12,20'."""
     from .errors import BadInput
 
-    if spec in (None, "", "half"):
+    if spec in (None, ""):
+        return list(range(min(2, num_layers // 2), num_layers))
+    if spec == "half":
         return list(range(num_layers // 2, num_layers))
     if spec == "all":
         return list(range(num_layers))
     out: set[int] = set()
     try:
         for piece in spec.split(","):
-            lo, _, hi = piece.strip().partition("-")
-            out.update(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+            lo, dash, hi = piece.strip().partition("-")
+            out.update(range(int(lo), (int(hi) if hi else num_layers - 1) + 1) if dash else [int(lo)])
     except ValueError:
-        raise BadInput(f"bad --layers {spec!r}", "use 'half', 'all', '16-31' or '16,18,20'") from None
+        raise BadInput(f"bad --layers {spec!r}", "use 'half', 'all', '16-31', '2-' or '16,18,20'") from None
     bad = sorted(i for i in out if not 0 <= i < num_layers)
     if bad or not out:
         raise BadInput(f"--layers {spec!r} names layers {bad or 'none'}; the model has layers 0..{num_layers - 1}")
@@ -86,7 +91,7 @@ class FlexiModel:
                                    "pass LayerParts(layers=...) naming where the layers live")
         if any(isinstance(layer, FlexiLayer) for layer in layers):
             raise UnsupportedModel("this model is already converted")
-        routed = sorted(set(range(len(layers) // 2, len(layers)) if routed_layers is None else routed_layers))
+        routed = sorted(set(parse_layers(None, len(layers)) if routed_layers is None else routed_layers))
         if not routed or routed[0] < 0 or routed[-1] >= len(layers):
             raise UnsupportedModel(f"routed layers {routed} out of range 0..{len(layers) - 1}")
         for name in ("attn", "mlp", "attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm"):
