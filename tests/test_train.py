@@ -310,7 +310,7 @@ def test_threshold_calibration_from_a_near_start_takes_few_probes(monkeypatch):
 
 def test_mean_skipped_from_cached_prefix_equals_full_pass():
     """Calibration starts each pass at the first routed layer from cached hidden states: same count as a full pass."""
-    from flexicli.train.teacher import TeacherCache
+    from flexicli.train.teacher import TeacherCache, first_routed_inputs
     from flexicli.train.calibration import mean_skipped
 
     fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[1], base_model="tiny")  # layer 0 runs before the routing
@@ -320,7 +320,9 @@ def test_mean_skipped_from_cached_prefix_equals_full_pass():
     rows = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(1))
     full = mean_skipped(fm, rows, batch_size=4)
     assert 0.1 < full < 0.9  # some tokens skip, some run: the count says something
-    assert mean_skipped(fm, rows, batch_size=4, prefix=TeacherCache(fm, rows).prefix) == full
+    prefix = first_routed_inputs(fm, rows)  # what calibration uses: the cache's prefix without the layers after it
+    assert torch.equal(prefix, TeacherCache(fm, rows).prefix)
+    assert mean_skipped(fm, rows, batch_size=4, prefix=prefix) == full
 
 
 @pytest.mark.parametrize("family,hidden_weight", [("llama", 0.0), ("gpt2", 0.0), ("llama", 1.0)])

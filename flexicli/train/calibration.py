@@ -37,9 +37,9 @@ def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16, 
     stops at the first probe within `tol`, or once the bracket is narrower than `min_width` logits (where gates tie,
     as after a few training steps, no threshold gets within `tol`). The unrouted layers before the first routed one
     run once, not per probe."""
-    from .teacher import TeacherCache
+    from .teacher import first_routed_inputs
 
-    prefix = TeacherCache(fm, rows).prefix
+    prefix = first_routed_inputs(fm, rows)
     lo, hi = -16.0, 16.0  # logits; the count is monotone in the threshold
     below = above = False  # whether lo / hi have been probed (else they are only the search's bounds)
     x, step = min(max(threshold_logit(start), lo), hi), 0.25
