@@ -13,9 +13,9 @@ from .budget import BUDGETS
 @dataclass
 class TrainConfig:
     skip_target: float
-    # with the other defaults (28 of SmolLM2-135M's 30 layers routed), convert + train fit in 60 min on 2 CPU cores:
-    # measured at 100 steps, 43 min (README); 150 is what that leaves room for
-    steps: int = 150
+    # with the other defaults (28 of SmolLM2-135M's 30 layers routed), convert + train take 43 min on 2 CPU cores at
+    # 100 steps (README). 150 would fit in 60 min, but the one run measured diverged after step 60 (docs/results.md)
+    steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256
