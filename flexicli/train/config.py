@@ -14,7 +14,7 @@ from .budget import BUDGETS
 class TrainConfig:
     skip_target: float
     # with the other defaults (28 of SmolLM2-135M's 30 layers routed), convert + train take 43 min on 2 CPU cores at
-    # 100 steps (README). 150 would fit in 60 min, but the one run measured diverged after step 60 (docs/results.md)
+    # 100 steps (README). At 150 the one run measured diverged after step 60 and took 70 min (docs/results.md)
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1

@@ -593,9 +593,9 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
     for key in ("router_fit", "adapter_fit", "penalty_start"):  # from before step 0, maybe an earlier process
         if (fm.config.training or {}).get(key) is not None:
             summary[key] = fm.config.training[key]
-    # where a run's time went (this process: a resumed run's counts start at the resume); the final save not included
-    summary["wall_seconds"] = {**run.seconds, "finish": round(time.perf_counter() - t0, 1)}
     if folder:
         run.dist.on_main(save_training, fm, folder, cfg, cfg.steps, run.opt, run.budget, summary, weights,
                          _selection(run))
-    return summary
+    # where this process's time went (a resumed run's counts start at the resume): in the summary returned, not in
+    # the checkpoint, whose bytes must not depend on the machine's speed (a resumed run saves what an unbroken one does)
+    return {**summary, "wall_seconds": {**run.seconds, "finish": round(time.perf_counter() - t0, 1)}}
