@@ -527,7 +527,7 @@ def test_teacher_cache_computes_a_repeated_row_once(lazy):
 def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypatch):
     """select: the checkpoint holds the weights (here the average) of the evaluation with the lowest validation KL,
     not the last one's, and a run killed after that evaluation resumes to the same choice. The validation KLs are
-    scripted (0.5, 0.1, 0.9 at steps 2, 4, 6) so that the best is not the last. A state saved before the selection
+    scripted (0.5, 0.1, 0.15 at steps 2, 4, 6) so that the best is not the last (0.15: not over rollback x the best). A state saved before the selection
     compared candidates at the target count is not resumed to its choice."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -553,7 +553,7 @@ def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypat
                         log=lambda m: None, stop_after=stop_after, resume=resume)
         return summary, [p.detach().clone() for p in fm.trainable_parameters()]
 
-    summary, chosen = run("a", [0.5, 0.1, 0.9])
+    summary, chosen = run("a", [0.5, 0.1, 0.15])
     assert set(summary["wall_seconds"]) == {"data", "warm_starts", "steps", "finish"}
     assert summary["selected_step"] == 4 and summary["selected_validation_kl"] == pytest.approx(0.1)
     run("b", [0.5, 0.1], stop_after=4)
@@ -571,14 +571,67 @@ def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypat
     with safe_open(state, "pt") as f:
         meta, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     scalars = json.loads(meta["scalars"])
-    assert scalars["selected"] == {"step": 4, "kl": pytest.approx(0.1), "at_target": True}
+    assert {k: scalars["selected"][k] for k in ("step", "kl", "at_target")} == {"step": 4, "kl": pytest.approx(0.1),
+                                                                              "at_target": True}
     del scalars["selected"]["at_target"]
     save_file(flat, state, metadata={**meta, "scalars": json.dumps(scalars)})
     old_summary, _ = run("d", [0.9], resume=True)
     assert old_summary["selected_step"] == 6 and old_summary["selected_validation_kl"] == pytest.approx(0.9)
-    off_summary, off = run("c", [0.5, 0.1, 0.9], select=False)  # off: the last average, as before
+    off_summary, off = run("c", [0.5, 0.1, 0.15], select=False)  # off: the last average, as before
     assert "selected_step" not in off_summary
     assert all(torch.allclose(o, e, atol=1e-6) for o, e in zip(off, final))
+
+
+def test_a_diverged_run_goes_back_to_the_best_weights(tmp_path, monkeypatch):
+    """rollback: an evaluation whose validation KL is over cfg.rollback x the best so far (scripted: 0.5, 0.1, 0.9,
+    0.15 at steps 2, 4, 6, 8) puts back the best's weights (live and average) and budget state, resets Adam, and
+    halves the learning rate, re-warmed; a run killed right after the rollback resumes to the same end; off (0) and
+    without a divergence, nothing happens."""
+    from safetensors import safe_open
+
+    import flexicli.train.loop as loop
+    from flexicli.train.resume import TRAIN_STATE, saved_weights
+
+    real = loop.heldout_metrics
+    _, rows, heldout = setup()
+    validation = rows[:3]
+
+    def run(name, kls, stop_after=None, resume=False, **kw):
+        def metrics(fm, r, batch_size=4):
+            m = real(fm, r, batch_size)
+            return {**m, "kl": kls.pop(0)} if r.shape == validation.shape and torch.equal(r, validation) else m
+
+        monkeypatch.setattr(loop, "heldout_metrics", metrics)
+        fm = tiny_at(tmp_path / name, resume)
+        c = cfg(steps=8, eval_every=2, save_every=1, ema=0.6, calibrate=True, warmup=2, **kw)
+        logged = []
+        summary = train(fm, c, rows=rows, heldout=heldout, validation=validation, progress=False, log=logged.append,
+                        stop_after=stop_after, resume=resume)
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return summary, [p.detach().clone() for p in fm.trainable_parameters()], records, logged, c
+
+    summary, final, records, logged, c = run("a", [0.5, 0.1, 0.9, 0.15])
+    assert summary["rollbacks"] == [6] and summary["selected_step"] == 4
+    assert records[5]["rollback"] == {"to_step": 4, "lr_factor": 0.5}
+    assert any("back to step 4's weights" in m for m in logged)
+    for r in records:  # full rate to step 6; then half, re-warmed over 2 steps (steps 7 and 8: 1/2, 2/2 of it)
+        want = loop.lr_at(r["step"] - 1, c) * (1.0 if r["step"] <= 6 else 0.5 * min(1.0, (r["step"] - 6) / 2))
+        assert r["lr"] == pytest.approx(want), r["step"]
+    # killed right after the rollback's save: live weights and average are the best's, Adam empty, budget the best's
+    _, at_6, _, _, _ = run("b", [0.5, 0.1, 0.9], stop_after=6)
+    kept = saved_weights(tmp_path / "b")
+    assert all(torch.allclose(w, b) and torch.allclose(e, b) for w, e, b in zip(at_6, kept["ema"], kept["best"]))
+    with safe_open(tmp_path / "b" / TRAIN_STATE, "pt") as f:
+        scalars = json.loads(f.metadata()["scalars"])
+        assert not any(k.split(".", 1)[0].isdigit() for k in f.keys()), "Adam's moments must start afresh"
+    assert scalars["rollbacks"] == [6] and scalars["budget"] == scalars["selected"]["budget"]
+    resumed, after, _, _, _ = run("b", [0.15], resume=True)
+    assert resumed["rollbacks"] == [6]
+    assert all(torch.allclose(a, r, atol=1e-6) for a, r in zip(final, after))
+    for name, kw in (("off", {"rollback": 0}), ("calm", {})):  # off, or no evaluation over 2x the best: no rollback
+        s, _, recs, _, _ = run(name, [0.5, 0.1, 0.9 if kw else 0.19, 0.15], **kw)
+        assert "rollbacks" not in s and not any("rollback" in r for r in recs)
+        assert all(r["lr"] == pytest.approx(loop.lr_at(r["step"] - 1, c)) for r in recs)
 
 
 def test_candidates_are_compared_at_the_target_count(tmp_path, monkeypatch):

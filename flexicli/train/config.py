@@ -59,7 +59,12 @@ class TrainConfig:
     # uncapped, task answers no better; so off
     max_skip_share: float = 1.0
     ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
-    eval_every: int = 60
+    # > 0: an evaluation whose validation KL is more than this multiple of the best so far sends training back to
+    # the best weights, at half the learning rate (re-warmed over `warmup` steps, Adam's moments reset, the budget's
+    # state of that evaluation); needs the selection (select). Why: the default at 150 steps diverged after step 60
+    # (validation KL 0.208 at step 60, 2.80 at 120; docs/results.md). 0: off
+    rollback: float = 2.0
+    eval_every: int = 30  # 30 s per evaluation on 2 threads; a divergence is caught within this many steps
     eval_rows: int = 16  # validation rows (held-out rows without them) per mid-run evaluation: 30 s on 2 threads
     save_every: int = 60
     gradient_checkpointing: bool = True  # measured: peak RSS 1.12x the frozen model's, against 1.60x without (README)
@@ -130,6 +135,9 @@ class TrainConfig:
             raise BadInput(f"adam_beta2 must be in (0, 1), not {self.adam_beta2}")
         if not 0.0 <= self.ema < 1.0:
             raise BadInput(f"ema must be in [0, 1), not {self.ema}", "0 turns the weight average off")
+        if self.rollback < 0 or 0 < self.rollback <= 1:
+            raise BadInput(f"rollback must be 0 (off) or above 1, not {self.rollback}",
+                           "it is a multiple of the best validation KL so far")
         if self.adapter_init not in ("fit", "none"):
             raise BadInput(f"adapter_init must be 'fit' or 'none', not {self.adapter_init!r}")
 

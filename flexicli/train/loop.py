@@ -108,6 +108,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def run_lr(step: int, cfg: TrainConfig, rollbacks: list[int]) -> float:
+    """The adapters' learning rate at `step` (0-based) of a run that rolled back after the steps in `rollbacks`:
+    halved per rollback and re-warmed over cfg.warmup steps from the last one (Adam starts afresh there)."""
+    lr = lr_at(step, cfg) * 0.5 ** len(rollbacks)
+    return lr * min(1.0, (step - rollbacks[-1] + 1) / max(1, cfg.warmup)) if rollbacks else lr
+
+
 def ema_decay(step: int, ema: float) -> float:
     """The weight average's decay after step `step` (0-based, counted from the first step at the full skip target):
     the plain mean of every step so far until that mean's decay 1 - 1/(step + 1) reaches `ema`, then exponential, so
@@ -276,7 +283,9 @@ class _Run:
     ema: list | None = None  # the weight average (cfg.ema > 0), one tensor per trainable parameter
     validation: torch.Tensor | None = None
     select: bool = False  # the checkpoint gets the evaluated weights with the lowest validation KL (cfg.select)
-    best: dict | None = None  # {"step", "kl", "weights"}: the best evaluated so far
+    best: dict | None = None  # {"step", "kl", "weights", "budget"}: the best evaluated so far
+    rollbacks: list = field(default_factory=list)  # the evaluations (steps) that sent training back to the best
+    log: object = print
     seconds: dict = field(default_factory=dict)  # wall time per phase of this process (the summary's "wall_seconds")
 
 
@@ -318,12 +327,12 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
     adapters = [p for layer in fm.layers for p in layer.adapter.parameters()]
     opt = torch.optim.AdamW([{"params": adapters, "scale": 1.0}, {"params": routers, "scale": cfg.router_lr_scale}],
                             lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=0.0)
-    start, budget_state, weights, selected = 0, None, {}, None
+    start, budget_state, weights, selected, rollbacks = 0, None, {}, None, []
     if resume:
         if folder is None:
             raise BadInput("nothing to resume: no checkpoint folder", "start without --resume")
         if (folder / TRAIN_STATE).is_file():
-            start, saved_cfg, budget_state, weights, selected = load_training(folder, opt)
+            start, saved_cfg, budget_state, weights, selected, rollbacks = load_training(folder, opt)
             # "ema": 0 and "select": False for runs saved before the weight average and the selection existed
             cfg = TrainConfig.from_dict({"ema": 0.0, "select": False, **saved_cfg,
                                          "steps": max(cfg.steps, saved_cfg["steps"])})
@@ -358,7 +367,8 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
     # evaluations still to come: the resumed run picks among those
     best = ({**selected, "weights": weights["best"]} if selected and selected.get("at_target") and "best" in weights
             else None)
-    return _Run(ema=ema, best=best, cfg=cfg, dist=dist, device=next(fm.model.parameters()).device,
+    return _Run(ema=ema, best=best, rollbacks=rollbacks, log=log, cfg=cfg, dist=dist,
+                device=next(fm.model.parameters()).device,
                 head=logits_fn(fm.model), params=params, routers=routers, opt=opt, budget=budget, start=start,
                 warm=cfg.warm_start and dist.world_size == 1)  # distributed: no warm start yet (fresh routers)
 
@@ -456,7 +466,7 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         t0 = time.perf_counter()
         target = cfg.skip_target * min(1.0, (step + 1) / max(1, ramp_steps))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg) * g["scale"]
+            g["lr"] = run_lr(step, cfg, run.rollbacks) * g["scale"]
         stats = []
         for m in range(cfg.grad_accum):  # distributed: this rank's share of the global micro-batch
             idx = dist.shard(batch_indices(rows.shape[0], cfg.seed, step * cfg.grad_accum + m, cfg.batch_size))
@@ -478,7 +488,7 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         unit_rates = (sum(s["layer_skip"] for s in stats) / len(stats)).tolist()
         rec = {"step": step + 1, "loss": sum(s["loss"] for s in stats) / len(stats),
                "top1_agreement": sum(s["agree"] for s in stats) / len(stats), "mean_skipped_layers": skipped,
-               "target": target, "threshold": fm.state.threshold, **budget.log(), "lr": lr_at(step, cfg),
+               "target": target, "threshold": fm.state.threshold, **budget.log(), "lr": run_lr(step, cfg, run.rollbacks),
                "tokens_per_s": tokens / (time.perf_counter() - t0),
                # per routed unit, the share of tokens that skipped it (rank 0's micro-batches when distributed): the
                # count alone hides whether skips spread over units or settle into static removal of a few layers
@@ -497,7 +507,7 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         done = step + 1
         if folder and (done % cfg.save_every == 0 or done == cfg.steps or done == stop_after):
             dist.on_main(save_training, fm, folder, cfg, done, opt, budget, None,  # others wait
-                         _kept_weights(run), _selection(run))
+                         _kept_weights(run), _selection(run), run.rollbacks)
         if stop_after is not None and done >= stop_after:
             return done
     return None
@@ -525,7 +535,32 @@ def _evaluate(fm, run: _Run, step: int, rec: dict) -> None:
             with torch.no_grad():
                 torch._foreach_copy_(run.params, live)
     if run.select and (run.best is None or m["kl"] < run.best["kl"]):
-        run.best = {"step": step, "kl": m["kl"], "weights": [t.detach().clone() for t in candidate]}
+        run.best = {"step": step, "kl": m["kl"], "weights": [t.detach().clone() for t in candidate],
+                    "budget": run.budget.state()}
+    elif run.select and cfg.rollback and m["kl"] > cfg.rollback * run.best["kl"]:
+        _roll_back(fm, run, step, rec)
+
+
+def _roll_back(fm, run: _Run, step: int, rec: dict) -> None:
+    """Training diverged (validation KL over cfg.rollback times the best so far): go on from the best evaluated
+    weights (live and averaged), the budget's state of that evaluation and fresh Adam moments (the old ones point
+    where it diverged), at half the learning rate, re-warmed (run_lr). The data order goes on: the batches after the
+    divergence are not replayed."""
+    best = run.best
+    with torch.no_grad():
+        torch._foreach_copy_(run.params, best["weights"])
+        if run.ema is not None:
+            torch._foreach_copy_(run.ema, best["weights"])
+    run.opt.state.clear()
+    if best.get("budget") is not None:  # a selection saved before rollbacks existed has none: the budget goes on
+        run.budget.load(best["budget"])
+        if run.cfg.objective == "kl":
+            fm.set_threshold(run.budget.threshold)
+    run.rollbacks.append(step)
+    rec["rollback"] = {"to_step": best["step"], "lr_factor": 0.5 ** len(run.rollbacks)}
+    run.log(f"step {step}: validation KL {rec['validation']['kl']:.3f} is over {run.cfg.rollback:g}x the best "
+            f"({best['kl']:.3f}, step {best['step']}): back to step {best['step']}'s weights, learning rate x "
+            f"{0.5 ** len(run.rollbacks):g}")
 
 
 def _validation_metrics(fm, run: _Run, rows: torch.Tensor) -> dict:
@@ -549,7 +584,9 @@ def _kept_weights(run: _Run) -> dict | None:
 
 
 def _selection(run: _Run) -> dict | None:
-    return {"step": run.best["step"], "kl": run.best["kl"], "at_target": True} if run.best is not None else None
+    if run.best is None:
+        return None
+    return {"step": run.best["step"], "kl": run.best["kl"], "at_target": True, "budget": run.best["budget"]}
 
 
 def _finish(fm, run: _Run, folder: Path | None) -> dict:
@@ -579,6 +616,8 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
             torch._foreach_copy_([p for p, _ in pairs], [e for _, e in pairs])
     if run.ema is not None:
         summary["ema"] = cfg.ema
+    if run.rollbacks:
+        summary["rollbacks"] = list(run.rollbacks)
     if run.heldout is not None:
         final = heldout_metrics(fm, run.heldout)
         summary["trained_threshold_skipped"] = final["mean_skipped_layers"]
@@ -595,7 +634,7 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
             summary[key] = fm.config.training[key]
     if folder:
         run.dist.on_main(save_training, fm, folder, cfg, cfg.steps, run.opt, run.budget, summary, weights,
-                         _selection(run))
+                         _selection(run), run.rollbacks)
     # where this process's time went (a resumed run's counts start at the resume): in the summary returned, not in
     # the checkpoint, whose bytes must not depend on the machine's speed (a resumed run saves what an unbroken one does)
     return {**summary, "wall_seconds": {**run.seconds, "finish": round(time.perf_counter() - t0, 1)}}

@@ -23,16 +23,19 @@ METRICS = "metrics.jsonl"
 
 # ---- saving -------------------------------------------------------------------------------------------------
 def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, summary: dict | None,
-                  weights: dict[str, list] | None = None, selected: dict | None = None) -> None:
+                  weights: dict[str, list] | None = None, selected: dict | None = None,
+                  rollbacks: list[int] | None = None) -> None:
     """`weights`: lists of tensors, one per trainable parameter, kept in the training state under their name
     ("ema": the running average; "best": the best on validation so far; "last": the last step's weights when the
-    checkpoint holds other ones). `selected`: the best's {"step", "kl"}."""
+    checkpoint holds other ones). `selected`: the best's {"step", "kl", "budget"}. `rollbacks`: the steps whose
+    evaluation sent training back to the best (loop._roll_back)."""
     from safetensors.torch import save_file
 
     from ..core.card import render_card
     from ..core.checkpoint import write_checkpoint
 
-    flat, scalars = {}, {"step": step, "budget": budget.state(), "train_config": asdict(cfg), "selected": selected}
+    flat, scalars = {}, {"step": step, "budget": budget.state(), "train_config": asdict(cfg), "selected": selected,
+               "rollbacks": list(rollbacks or [])}
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             flat[f"{i}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(float(v))
@@ -50,9 +53,9 @@ def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, su
                      extra_files=extra, writer=write_state)
 
 
-def load_training(folder: Path, opt) -> tuple[int, dict, dict, dict[str, list], dict | None]:
+def load_training(folder: Path, opt) -> tuple[int, dict, dict, dict[str, list], dict | None, list[int]]:
     """Restore the optimiser; returns (steps done, the run's TrainConfig as a dict, the budget's state, the weight
-    lists save_training kept, the best-on-validation's {"step", "kl"} or None)."""
+    lists save_training kept, the best-on-validation's {"step", "kl", "budget"} or None, the rollbacks' steps)."""
     from safetensors import safe_open
 
     path = folder / TRAIN_STATE
@@ -65,7 +68,8 @@ def load_training(folder: Path, opt) -> tuple[int, dict, dict, dict[str, list], 
         if i.isdigit():  # the optimiser's state of parameter i; the rest are weight lists (_weight_lists)
             sd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(sd)
-    return scalars["step"], scalars["train_config"], scalars["budget"], _weight_lists(flat), scalars.get("selected")
+    return (scalars["step"], scalars["train_config"], scalars["budget"], _weight_lists(flat), scalars.get("selected"),
+            scalars.get("rollbacks", []))
 
 
 def saved_weights(folder: Path) -> dict[str, list]:
