@@ -23,7 +23,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--router-init", type=click.Choice(["none", "influence"]), default=None, help="influence (default): first fit the routers to each routed unit's token-level influence (layer, attention or MLP sublayer); none: start from the fresh routers.")
 @click.option("--adapter-init", type=click.Choice(["fit", "none"]), default=None, help="fit (default): before step 0, fit each adapter to the update it replaces (the whole layer's for skip unit layer, the MLP's for module/mlp; least squares, then a short local MSE phase); none: fresh adapters that add nothing.")
 @click.option("--alpha", type=float, default=None, help="FlexiDepth penalty weight (objective lm).")
-@click.option("--eval-every", type=int, default=None)
+@click.option("--eval-every", type=int, default=None, help="Steps between validation evaluations (default 30): they choose the checkpoint and catch a diverged run (config key rollback).")
 @click.option("--save-every", type=int, default=None)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute each routed layer in backward instead of storing its activations (default on: peak memory 1.12x the frozen model's instead of 1.60x, for a few % more time a step).")
 @click.option("--calibrate/--no-calibrate", default=None, help="Nudge the threshold after training so held-out skipping hits the target.")
@@ -88,6 +88,9 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
                       f"skipped {last['mean_skipped_layers']:.2f} (the checkpoint holds "
                       + (f"their average, ema {summary['ema']:g})" if "selected_step" not in summary else
                          "the selected weights)"))
+    if summary.get("rollbacks"):  # evaluations that found the run diverged (train's rollback)
+        table.add_row("rolled back", f"at step {', '.join(map(str, summary['rollbacks']))} to the best weights so far, "
+                      f"learning rate x {0.5 ** len(summary['rollbacks']):g} after")
     rates = summary.get("per_layer_skip_rate", {})
     table.add_row("per-unit skip rate", " ".join(f"{k}:{v:.2f}" for k, v in rates.items()))
     if "wall_seconds" in summary:

@@ -22,6 +22,12 @@ def _layers(fm) -> nn.ModuleList:
     return submodule(fm.model, LayerParts.from_dict(fm.config.parts).layers)
 
 
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a decoder layer's forward pre-hook (with_kwargs) sees: positional in most families,
+    the hidden_states keyword in some."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 class _PassThrough(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
@@ -91,7 +97,7 @@ def around_routed_layers(fm, rows: torch.Tensor, grab, batch_size: int = 8) -> l
             mids[i] = args[0] if args else next(iter(kwargs.values()))
 
         def hook(module, args, kwargs, out, i=i):
-            h_in = (args[0] if args else kwargs["hidden_states"]).flatten(0, 1)
+            h_in = _layer_input(args, kwargs).flatten(0, 1)
             h_out = (out[0] if isinstance(out, tuple) else out).flatten(0, 1)
             parts = grab(module, h_in, mids[i].flatten(0, 1), h_out)
             if got[i] is None:
@@ -130,7 +136,7 @@ def first_routed_inputs(fm, rows: torch.Tensor) -> torch.Tensor:
     out = torch.empty((*rows.shape, fm.config.hidden_size), dtype=ref.dtype)
 
     def stop(module, args, kwargs):
-        raise _Reached(args[0] if args else kwargs["hidden_states"])
+        raise _Reached(_layer_input(args, kwargs))
 
     handle = first.register_forward_pre_hook(stop, with_kwargs=True)
     try:
@@ -194,7 +200,7 @@ class TeacherCache:
         decoder, first = decoder_of(fm.model), _layers(fm)[fm.config.routed_layers[0]]
         seen = {}
         grab = first.register_forward_pre_hook(
-            lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+            lambda m, a, kw: seen.update(h=_layer_input(a, kw)), with_kwargs=True)
         try:
             keep = self.layer_out is not None  # the routed layers' outputs only when the term needs them
             with fm.routing("full"), (routed_outputs(fm) if keep else nullcontext([])) as outs:
