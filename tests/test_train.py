@@ -527,8 +527,9 @@ def test_teacher_cache_computes_a_repeated_row_once(lazy):
 def test_checkpoint_is_the_best_on_validation_and_resumes_so(tmp_path, monkeypatch):
     """select: the checkpoint holds the weights (here the average) of the evaluation with the lowest validation KL,
     not the last one's, and a run killed after that evaluation resumes to the same choice. The validation KLs are
-    scripted (0.5, 0.1, 0.15 at steps 2, 4, 6) so that the best is not the last (0.15: not over rollback x the best). A state saved before the selection
-    compared candidates at the target count is not resumed to its choice."""
+    scripted (0.5, 0.1, 0.15 at steps 2, 4, 6) so that the best is not the last (and 0.15 is not a divergence: not
+    over rollback x the best). A state saved before the selection compared candidates at the target count is not
+    resumed to its choice."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 

@@ -62,7 +62,8 @@ class TrainConfig:
     # > 0: an evaluation whose validation KL is more than this multiple of the best so far sends training back to
     # the best weights, at half the learning rate (re-warmed over `warmup` steps, Adam's moments reset, the budget's
     # state of that evaluation); needs the selection (select). Why: the default at 150 steps diverged after step 60
-    # (validation KL 0.208 at step 60, 2.80 at 120; docs/results.md). 0: off
+    # (validation KL 0.208 at step 60, 2.80 at 120; docs/results.md). It cannot help a run that is never good: the
+    # one full run with it (140 steps) was already in the budget's cycle at its first evaluation. 0: off
     rollback: float = 2.0
     eval_every: int = 30  # 30 s per evaluation on 2 threads; a divergence is caught within this many steps
     eval_rows: int = 16  # validation rows (held-out rows without them) per mid-run evaluation: 30 s on 2 threads

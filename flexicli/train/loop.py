@@ -488,7 +488,8 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         unit_rates = (sum(s["layer_skip"] for s in stats) / len(stats)).tolist()
         rec = {"step": step + 1, "loss": sum(s["loss"] for s in stats) / len(stats),
                "top1_agreement": sum(s["agree"] for s in stats) / len(stats), "mean_skipped_layers": skipped,
-               "target": target, "threshold": fm.state.threshold, **budget.log(), "lr": run_lr(step, cfg, run.rollbacks),
+               "target": target, "threshold": fm.state.threshold, **budget.log(),
+               "lr": run_lr(step, cfg, run.rollbacks),
                "tokens_per_s": tokens / (time.perf_counter() - t0),
                # per routed unit, the share of tokens that skipped it (rank 0's micro-batches when distributed): the
                # count alone hides whether skips spread over units or settle into static removal of a few layers

@@ -34,7 +34,8 @@ def save_training(fm, folder: Path, cfg: TrainConfig, step: int, opt, budget, su
     from ..core.card import render_card
     from ..core.checkpoint import write_checkpoint
 
-    flat, scalars = {}, {"step": step, "budget": budget.state(), "train_config": asdict(cfg), "selected": selected,
+    flat = {}
+    scalars = {"step": step, "budget": budget.state(), "train_config": asdict(cfg), "selected": selected,
                "rollbacks": list(rollbacks or [])}
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
