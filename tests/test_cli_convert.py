@@ -85,3 +85,23 @@ def test_layer_specs():
     for bad in ("2-x", "-", "a", "5-", "3-1"):
         with pytest.raises(BadInput):
             parse_layers(bad, 4)
+
+
+def test_the_same_conversion_writes_the_same_weights(tiny_folder, tmp_path):
+    """The routers' and adapters' random start comes from --seed (0 by default), not from the process: two runs of one
+    training config on two conversions are the same run. The library call leaves the caller's random state alone."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flexicli.convert import convert
+
+    weights = lambda name: load_file(tmp_path / name / "flexi_weights.safetensors")  # noqa: E731
+    state = torch.get_rng_state()
+    convert(str(tiny_folder), tmp_path / "a")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert flexi("convert", str(tiny_folder), "-o", str(tmp_path / "b")).returncode == 0
+    assert flexi("convert", str(tiny_folder), "-o", str(tmp_path / "c"), "--seed", "1").returncode == 0
+    a, b, c = weights("a"), weights("b"), weights("c")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed is what draws them

@@ -19,11 +19,13 @@ from .common import device_options, emit_json, json_option, stderr_console
 @click.option("--adapter-reduction", type=click.IntRange(min=1), default=None,
               help="Adapter width = the MLP's width / this (default 16, as FlexiDepth; 8 measured in the "
                    "README, Training).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the new routers' and adapters' initial weights (the same command writes the same checkpoint).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a Hub model's own modeling code to run.")
 @device_options
 @json_option
-def command(model_spec, output, layers, gate_mode, skip_unit, router_kind, adapter_reduction, force,
+def command(model_spec, output, layers, gate_mode, skip_unit, router_kind, adapter_reduction, seed, force,
             trust_remote_code, device, dtype, as_json):
     from ..convert import convert, summary
 
@@ -31,7 +33,7 @@ def command(model_spec, output, layers, gate_mode, skip_unit, router_kind, adapt
     with console.status(f"converting {model_spec or 'the embedded SmolLM2-135M-Instruct'}..."):
         fm = convert(model_spec, output, layers=layers, dtype=dtype, device=device, gate_mode=gate_mode,
                      overwrite=force, trust_remote_code=trust_remote_code, skip_unit=skip_unit, router=router_kind,
-                     adapter_reduction=adapter_reduction)
+                     adapter_reduction=adapter_reduction, seed=seed)
     info = summary(fm)
     if as_json:
         emit_json(info)
