@@ -89,8 +89,10 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
                       + (f"their average, ema {summary['ema']:g})" if "selected_step" not in summary else
                          "the selected weights)"))
     if summary.get("rollbacks"):  # evaluations that found the run diverged (train's rollback)
+        from ..train.loop import rollback_factor
+
         table.add_row("rolled back", f"at step {', '.join(map(str, summary['rollbacks']))} to the best weights so far, "
-                      f"learning rate x {0.5 ** len(summary['rollbacks']):g} after")
+                      f"learning rate x {rollback_factor(summary['rollbacks']):g} after")
     rates = summary.get("per_layer_skip_rate", {})
     table.add_row("per-unit skip rate", " ".join(f"{k}:{v:.2f}" for k, v in rates.items()))
     if "wall_seconds" in summary:

@@ -108,10 +108,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def rollback_factor(rollbacks: list[int]) -> float:
+    """The learning rate's factor after the rollbacks at the steps in `rollbacks`: halved per rollback."""
+    return 0.5 ** len(rollbacks)
+
+
 def run_lr(step: int, cfg: TrainConfig, rollbacks: list[int]) -> float:
     """The adapters' learning rate at `step` (0-based) of a run that rolled back after the steps in `rollbacks`:
-    halved per rollback and re-warmed over cfg.warmup steps from the last one (Adam starts afresh there)."""
-    lr = lr_at(step, cfg) * 0.5 ** len(rollbacks)
+    rollback_factor's share, re-warmed over cfg.warmup steps from the last one (Adam starts afresh there)."""
+    lr = lr_at(step, cfg) * rollback_factor(rollbacks)
     return lr * min(1.0, (step - rollbacks[-1] + 1) / max(1, cfg.warmup)) if rollbacks else lr
 
 
@@ -558,10 +563,10 @@ def _roll_back(fm, run: _Run, step: int, rec: dict) -> None:
         if run.cfg.objective == "kl":
             fm.set_threshold(run.budget.threshold)
     run.rollbacks.append(step)
-    rec["rollback"] = {"to_step": best["step"], "lr_factor": 0.5 ** len(run.rollbacks)}
+    rec["rollback"] = {"to_step": best["step"], "lr_factor": rollback_factor(run.rollbacks)}
     run.log(f"step {step}: validation KL {rec['validation']['kl']:.3f} is over {run.cfg.rollback:g}x the best "
             f"({best['kl']:.3f}, step {best['step']}): back to step {best['step']}'s weights, learning rate x "
-            f"{0.5 ** len(run.rollbacks):g}")
+            f"{rec['rollback']['lr_factor']:g}")
 
 
 def _validation_metrics(fm, run: _Run, rows: torch.Tensor) -> dict:
