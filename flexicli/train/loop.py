@@ -28,7 +28,7 @@ from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
 from .objectives import (answer_weights, distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss,
                          logits_fn, skip_cap_loss, unit_density)
-from .calibration import calibrate_threshold
+from .calibration import calibrate_threshold, mean_skipped
 from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
 from .teacher import cache_bytes
@@ -625,12 +625,12 @@ def _finish(fm, run: _Run, folder: Path | None) -> dict:
     if run.rollbacks:
         summary["rollbacks"] = list(run.rollbacks)
     if run.heldout is not None:
-        final = heldout_metrics(fm, run.heldout)
-        summary["trained_threshold_skipped"] = final["mean_skipped_layers"]
-        if cfg.calibrate and abs(final["mean_skipped_layers"] - cfg.skip_target) > 0.1:
+        # the count alone first (routed decoder pass, no original, no LM head): the metrics are then computed once,
+        # at the threshold the checkpoint keeps
+        summary["trained_threshold_skipped"] = skipped = mean_skipped(fm, run.heldout)
+        if cfg.calibrate and abs(skipped - cfg.skip_target) > 0.1:
             fm.set_threshold(calibrate_threshold(fm, run.heldout, cfg.skip_target, start=fm.config.threshold))
-            final = heldout_metrics(fm, run.heldout)
-        summary.update(final, threshold=fm.config.threshold)
+        summary.update(heldout_metrics(fm, run.heldout), threshold=fm.config.threshold)
         if fm.tokenizer is not None:
             from ..data.text import heldout_prompts
 
