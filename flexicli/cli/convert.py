@@ -20,7 +20,8 @@ from .common import device_options, emit_json, json_option, stderr_console
               help="Adapter width = the MLP's width / this (default 16, as FlexiDepth; 8 measured in the "
                    "README, Training).")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the new routers' and adapters' initial weights (the same command writes the same checkpoint).")
+              help="Seed of the new routers' and adapters' initial weights (the same command writes the same "
+                   "checkpoint).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a Hub model's own modeling code to run.")
 @device_options
