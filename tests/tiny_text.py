@@ -46,8 +46,13 @@ def plant_routers(fm, seed: int = 0, scale: float = 40.0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in fm.layers:
-            layer.router.bias.zero_()
-            w = layer.router.head.weight
+            router = layer.router
+            router.bias.zero_()
+            # every weight from `seed`: the decisions must not depend on how the checkpoint drew its routers
+            hidden = router.head.weight.shape[1]
+            for w in (router.enc.weight, router.dec.weight):  # at Router's own initial scale
+                w.copy_(torch.randn(w.shape, generator=g) / hidden ** 0.5)
+            w = router.head.weight
             w.copy_(torch.randn(w.shape, generator=g) * scale / w.shape[1] ** 0.5)
 
 
