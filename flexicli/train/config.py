@@ -13,9 +13,10 @@ from .budget import BUDGETS
 @dataclass
 class TrainConfig:
     skip_target: float
-    # with the other defaults (28 of SmolLM2-135M's 30 layers routed), convert + train take 43 min on 2 CPU cores at
-    # 100 steps (README). At 150 the one run measured diverged after step 60 and took 70 min (docs/results.md)
-    steps: int = 100
+    # with the other defaults (28 of SmolLM2-135M's 30 layers routed, the penalty started at its balance), convert +
+    # train take 56.5 min on 2 CPU cores at 140 steps (README). Measured on two seeds (docs/results.md): flexi eval
+    # KL / top-1 / retention 0.198 / 0.809 / 0.960 and 0.167 / 0.834 / 0.877; at 100 steps 0.313 / 0.797 / 0.661
+    steps: int = 140
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256
@@ -48,10 +49,11 @@ class TrainConfig:
     router_init: str = "influence"  # influence: fit the routers to token-level unit influence first (router_init.py) | none: fresh routers
     adapter_init: str = "fit"  # fit: fitted to the update it replaces before step 0 (adapter_init.py) | none: fresh adapters (add nothing)
     # penalty budget with warm-started routers: zero: lambda starts at 0 | balance: where the losses balance
-    # (loop.penalty_balance). Measured on SmolLM2, N = 4, same seed and data (docs/results.md): balance removes the
-    # early dip of the count and is far better at step 60 (held-out KL 0.246 against 0.386), but ended worse
-    # (flexi eval KL 0.303 / top-1 0.760 against 0.234 / 0.788), after a loss spike at step 117; one seed each
-    penalty_start: str = "zero"
+    # (loop.penalty_balance). Why balance: from zero the count dips then overshoots (the PI rule's cycle) and the
+    # 28-routed default at 140 steps went wrong from step 32; from the balance, two seeds at 140 steps had validation
+    # KL falling at every evaluation, to 0.143 and 0.125 (docs/results.md). On 15 routed layers (no rollback then)
+    # it was better at step 60 but ended worse after a loss spike at step 117
+    penalty_start: str = "balance"
     # the most of the tokens one routed unit may skip, in the router warm start and as a hinge in training
     # (router_init.target_logits, objectives.skip_cap_loss); 1: no cap. Why: with the warm starts the routers settle
     # on skipping layers 15-17 for ~100% of tokens (static removal), which no token that needs them can escape.
