@@ -1,4 +1,5 @@
-"""Where a checkpoint loses the task suite (docs/results.md, "Task retention"). Probes on the 84 task items:
+"""Where a checkpoint loses the task suite (docs/results.md, "Task retention"). Probes on the task items (336; 84
+before the suite grew):
 
     python benchmarks/task_probe.py phases CKPT   # task score with routing in both phases, prompt only, answer only
     python benchmarks/task_probe.py skips CKPT    # layers skipped per token on task prompts and on routed answers

@@ -1,8 +1,8 @@
 """What retention a given KL buys: `flexi eval`'s figures (teacher-forced KL, p99, top-1 on its held-out text; the
-84-item task suite's retention; agreement on the original's own task answers) for fake-quantised copies of the
-original model instead of a routed one. The yardstick of `flexi eval --yardstick` stops at teacher forcing; this
-adds the task suite, so the verdict's thresholds (KL <= 0.25, top-1 >= 0.80, retention >= 0.90) can be read
-against copies whose only change is weight rounding.
+task suite's retention with its 5-95% bootstrap range; agreement on the original's own task answers) for
+fake-quantised copies of the original model instead of a routed one. The yardstick of `flexi eval --yardstick`
+stops at teacher forcing; this adds the task suite, so the verdict's thresholds (KL <= 0.25, top-1 >= 0.80,
+retention >= 0.90) can be read against copies whose only change is weight rounding.
 
     python benchmarks/yardstick_tasks.py CKPT [--variants int8,int6,int5,int4] [--json OUT]
 
@@ -19,7 +19,7 @@ from flexicli.core.flexi_model import FlexiModel
 from flexicli.data.tokens import prompt_ids
 from flexicli.evaluation.evaluate import (DEFAULTS, _Agreement, _batches, _decoder_linears, _inputs, _right_padded,
                                           fake_quantize, generate_ids)
-from flexicli.evaluation.scores import correct, flips, retention
+from flexicli.evaluation.scores import correct, flips, retention, retention_interval
 
 # name -> (bits, group size): int8 per output channel, the rest in groups of 32 (the issue's table); int8g32 and int7
 # are further near-lossless copies, each one more draw of how much retention moves when almost nothing changes
@@ -111,13 +111,15 @@ def main() -> None:
         t, a = text.result(), ans.result()
         rows[name] = {"kl": t["kl"], "kl_p99": t["kl_p99"], "top1_agreement": t["top1_agreement"],
                       "task_score": sum(scores) / len(scores), "retention": retention(original_scores, scores),
+                      "retention_interval": retention_interval(original_scores, scores),
                       "task_answer_kl": a["kl"], "task_answer_top1": a["top1_agreement"],
                       "flips": flips({i: correct(x) for i, x in enumerate(original_scores)},
                                      {i: correct(x) for i, x in enumerate(scores)}),
                       "categories": per_category(original_scores, scores), "scores": scores}
         r = rows[name]
         print(f"{name}: KL {r['kl']:.3f} p99 {r['kl_p99']:.2f} top-1 {r['top1_agreement']:.3f} | retention "
-              f"{r['retention']:.3f} (score {r['task_score']:.3f}) | answers KL {r['task_answer_kl']:.3f} top-1 "
+              f"{r['retention']:.3f} (5-95% {r['retention_interval'][0]:.3f}-{r['retention_interval'][1]:.3f}; score "
+              f"{r['task_score']:.3f}) | answers KL {r['task_answer_kl']:.3f} top-1 "
               f"{r['task_answer_top1']:.3f} | flips {r['flips']['correct_to_wrong']:.3f} lost, "
               f"{r['flips']['wrong_to_correct']:.3f} gained", flush=True)
         print("   " + ", ".join(f"{c} {v['retention']:.2f}" if v["retention"] is not None else f"{c} -"

@@ -68,6 +68,19 @@ def test_retention_math():
     assert retention([0, 0], [1, 1]) is None  # undefined when the original scores nothing
 
 
+def test_retention_interval_brackets_the_ratio_and_narrows_with_items():
+    from flexicli.evaluation.scores import retention_interval
+
+    assert retention_interval([1, 0, 1], [1, 0, 1]) == [1.0, 1.0]  # every resample of identical scores: 1
+    assert retention_interval([0, 0], [1, 1]) is None and retention_interval([], []) is None
+    original, routed = [1, 1, 1, 0, 1] * 10, [1, 0, 1, 0, 1] * 10  # retention 0.75
+    low, high = retention_interval(original, routed)
+    assert low < 0.75 < high and retention_interval(original, routed) == [low, high]  # fixed seed: reproducible
+    low4, high4 = retention_interval(original * 4, routed * 4)
+    assert low < low4 < 0.75 < high4 < high  # four times the items: about half as wide
+    assert 0.4 < (high4 - low4) / (high - low) < 0.6
+
+
 def test_flips_math():
     original = {"a": True, "b": True, "c": False, "d": False, "e": True}
     routed = {"a": False, "b": True, "c": True, "d": False, "e": True, "extra": True}  # only shared items count
@@ -277,6 +290,7 @@ def test_real_exact_conversion_passes_and_damage_fails(smollm2):
     r = evaluate(fm, data=TEXTS, prompts=PROMPTS, tasks=tasks, **SMALL)
     assert r["kl"] == 0.0 and r["top1_agreement"] == 1.0 and r["greedy_match"] == 1.0
     assert r["task_score_original"] > 0 and r["retention"] == pytest.approx(1.0)
+    assert r["retention_interval"] == [1.0, 1.0]  # the same answers: every resample keeps all of it
     assert r["passed"] is True
     damage(fm)
     bad = evaluate(fm, data=TEXTS, prompts=PROMPTS[:1], tasks=[], **SMALL)
@@ -310,12 +324,18 @@ def test_real_yardstick_runs_the_task_suite_on_the_quantised_copies(smollm2, mon
 
 
 def test_task_suite_is_full_deterministic_and_scored_as_documented():
+    import hashlib
+
     from flexicli.data.tasks import CATEGORIES, PER_CATEGORY, load_tasks
 
     tasks = load_tasks()
     assert [t.category for t in tasks].count("copy") == PER_CATEGORY
     assert {c: [t.category for t in tasks].count(c) for c in CATEGORIES} == dict.fromkeys(CATEGORIES, PER_CATEGORY)
     assert load_tasks() == tasks, "the same items every run"
+    assert len({t.prompt for t in tasks}) == len(tasks), "no item twice"
+    # the first 12 of each category are the 84-item suite every figure before it grew was measured on (its digest)
+    core = repr([(t.category, t.prompt, t.answer, t.scoring) for t in load_tasks(per_category=12)])
+    assert hashlib.sha256(core.encode()).hexdigest()[:16] == "2dd34a8743455b93"
     two = load_tasks(per_category=2)
     assert all(sum(t.category == c for t in two) == 2 for c in CATEGORIES) and set(two) <= set(tasks)
     for t in tasks:
@@ -335,7 +355,8 @@ def test_real_original_answers_arithmetic_within_its_token_budget(smollm2):
 
     model, tok, info = smollm2
     fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
-    r = compare_tasks(fm, load_tasks(categories=["addition", "multiplication"]), {"mode": "full"}, batch_size=4)
+    tasks = load_tasks(categories=["addition", "multiplication"], per_category=12)  # the first 12: CI's time
+    r = compare_tasks(fm, tasks, {"mode": "full"}, batch_size=4)
     assert r["task_scores"]["addition"]["original"] > 0.25 and r["task_scores"]["multiplication"]["original"] > 0.1
 
 

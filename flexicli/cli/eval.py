@@ -204,8 +204,10 @@ def _print_report(r: dict) -> None:
             tasks.add_column(col)
         for cat, s in r["task_scores"].items():
             tasks.add_row(cat, str(s["items"]), _fmt(s["original"]), _fmt(s["routed"]), _fmt(s["retention"], True))
-        tasks.add_row("all", "", _fmt(r["task_score_original"]), _fmt(r["task_score_routed"]),
-                      _fmt(r["retention"], True))
+        low_high = r.get("retention_interval")
+        tasks.add_row("all", str(sum(s["items"] for s in r["task_scores"].values())), _fmt(r["task_score_original"]),
+                      _fmt(r["task_score_routed"]), _fmt(r["retention"], True)
+                      + (f" (5-95%: {_fmt(low_high[0], True)}-{_fmt(low_high[1], True)})" if low_high else ""))
         out.print(tasks)
     if r.get("task_answer_tokens"):
         out.print(f"on the original's answers ({r['task_answer_tokens']} tokens, teacher-forced): KL "

@@ -19,7 +19,8 @@ What is measured, always the routed model against the original:
   mean_skipped_layers   skipped routed layers per token in the routed teacher-forced pass, in layer-equivalents
                         (flexicli/core/units.py: a skipped attention or MLP sublayer counts its share of the layer's
                         parameters); per_layer_skip_rate per routed unit ("17", or "17.attn" / "17.mlp")
-  retention             the built-in task suite (flexicli.tasks) on both: mean routed score / mean original score
+  retention             the built-in task suite (flexicli.tasks) on both: mean routed score / mean original score;
+                        retention_interval, its 5-95% range by a paired bootstrap over the items (the suite's noise)
   task_flips            flips on the task suite (Dutta et al. 2024): the shares of items that went correct -> wrong
                         and wrong -> correct; an item is correct when its score is >= 0.5 (see correct())
   lm_eval               (lm_eval_tasks=[...], the lm-eval extra) lm-evaluation-harness tasks on both, with
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from ..core.errors import BadInput
 from ..data.tokens import pad_id, prompt_ids, stop_ids
 from ..data.tasks import PER_CATEGORY
-from .scores import correct, flips, retention
+from .scores import correct, flips, retention, retention_interval
 
 # Defaults chosen so that `flexi eval` on SmolLM2-135M finishes in a few minutes on 2 CPU cores.
 # tasks_per_category: the whole built-in suite (84 items). At 3 per category (21 items) the original SmolLM2 scored
@@ -414,6 +415,7 @@ def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None,
                     for c, s in scores.items()}
     everything = {k: [x for s in scores.values() for x in s[k]] for k in models}
     out = {"retention": retention(everything["original"], everything["routed"]),
+           "retention_interval": retention_interval(everything["original"], everything["routed"]),
            "task_score_original": _mean(everything["original"]), "task_score_routed": _mean(everything["routed"]),
            "task_scores": per_category, "task_flips": _item_flips(everything["original"], everything["routed"]),
            **compare_answers(fm, answers, routing, batch_size)}
@@ -517,8 +519,8 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
                                                             ticker("teacher forcing", len(seqs)), variants))
     if yardstick:
         result["yardstick_place"] = place(result["kl"], result["yardstick"])
-    result.update(greedy_match=None, greedy_first_divergence=None, greedy_prompts=0, retention=None, task_scores={},
-                  task_flips=None)
+    result.update(greedy_match=None, greedy_first_divergence=None, greedy_prompts=0, retention=None,
+                  retention_interval=None, task_scores={}, task_flips=None)
     if greedy_prompts:
         timed("greedy generation", lambda: compare_greedy(fm, greedy_prompts, new_tokens, routing, 2 * batch_size,
                                                           ticker("greedy generation", len(greedy_prompts))))
@@ -559,10 +561,10 @@ def _finite(obj):
 
 # What goes into the checkpoint's config (and from there into the model card): the verdict and the headline
 # numbers, not the per-check rows or per-item details.
-STORED = ("passed", "failed_checks", "kl", "kl_p99", "top1_agreement", "greedy_match", "greedy_first_divergence", "perplexity_original",
-          "perplexity_routed", "mean_skipped_layers", "per_layer_skip_rate", "retention", "threshold", "thresholds",
-          "data", "texts", "scored_tokens", "greedy_prompts", "yardstick", "yardstick_place", "task_flips", "lm_eval",
-          "seconds")
+STORED = ("passed", "failed_checks", "kl", "kl_p99", "top1_agreement", "greedy_match", "greedy_first_divergence",
+          "perplexity_original", "perplexity_routed", "mean_skipped_layers", "per_layer_skip_rate", "retention",
+          "retention_interval", "threshold", "thresholds", "data", "texts", "scored_tokens", "greedy_prompts",
+          "yardstick", "yardstick_place", "task_flips", "lm_eval", "seconds")
 
 
 def failed_checks(result: dict) -> list[str]:

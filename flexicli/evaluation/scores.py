@@ -12,6 +12,22 @@ def retention(original: Sequence[float], routed: Sequence[float]) -> float | Non
     return None if base == 0 else (sum(routed) / max(1, len(routed))) / base
 
 
+def retention_interval(original: Sequence[float], routed: Sequence[float], draws: int = 2000,
+                       seed: int = 0) -> list[float] | None:
+    """The 5th and 95th percentiles of retention over the items resampled with replacement (paired: a drawn item
+    brings both scores), from a fixed seed: how far one run of the suite may sit from what its items measure on
+    average. None without items or when the original scores nothing."""
+    import torch
+
+    if not original or retention(original, routed) is None:
+        return None
+    o, r = torch.tensor(original, dtype=torch.float64), torch.tensor(routed, dtype=torch.float64)
+    idx = torch.randint(len(o), (draws, len(o)), generator=torch.Generator().manual_seed(seed))
+    base = o[idx].sum(1)
+    ratios = (r[idx].sum(1)[base > 0] / base[base > 0]).sort().values
+    return [ratios[int(0.05 * (len(ratios) - 1))].item(), ratios[int(0.95 * (len(ratios) - 1))].item()]
+
+
 def flips(original: dict, routed: dict) -> dict:
     """Flips (Dutta et al. 2024): item -> correct (bool) for both models, over the items both scored. Shares of
     those items that went correct -> wrong and wrong -> correct, and their sum `flips`; None without items."""

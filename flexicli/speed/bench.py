@@ -36,9 +36,9 @@ def bench_ids(fm, length: int, batch: int = 1) -> torch.Tensor:
         vocab = fm.model.config.vocab_size
         ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
         return ids.to(device)
-    from ..data.tasks import load_tasks
+    from ..data.tasks import CORE, load_tasks
 
-    text = " ".join(f"{t.prompt} {t.answer}" for t in load_tasks())
+    text = " ".join(f"{t.prompt} {t.answer}" for t in load_tasks(per_category=CORE))  # the text benches always had
     ids = fm.tokenizer(text, return_tensors="pt").input_ids[0]
     ids = ids.repeat(length // len(ids) + 1)[:length]
     return ids.expand(batch, length).contiguous().to(device)
