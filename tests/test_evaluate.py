@@ -350,12 +350,12 @@ def test_task_suite_is_full_deterministic_and_scored_as_documented():
 def test_real_original_answers_arithmetic_within_its_token_budget(smollm2):
     """Every category must count towards retention: the original model gets some items right in each arithmetic
     category at the default answer lengths (at 8 new tokens its sums were cut off before the number, so 0)."""
-    from flexicli.data.tasks import load_tasks
+    from flexicli.data.tasks import CORE, load_tasks
     from flexicli.evaluation.evaluate import compare_tasks
 
     model, tok, info = smollm2
     fm = FlexiModel.wrap(copy.deepcopy(model), tok, base_model=info.base_model)
-    tasks = load_tasks(categories=["addition", "multiplication"], per_category=12)  # the first 12: CI's time
+    tasks = load_tasks(categories=["addition", "multiplication"], per_category=CORE)  # the first 12: CI's time
     r = compare_tasks(fm, tasks, {"mode": "full"}, batch_size=4)
     assert r["task_scores"]["addition"]["original"] > 0.25 and r["task_scores"]["multiplication"]["original"] > 0.1
 

@@ -44,9 +44,10 @@ from ..data.tasks import PER_CATEGORY
 from .scores import correct, flips, retention, retention_interval
 
 # Defaults chosen so that `flexi eval` on SmolLM2-135M finishes in a few minutes on 2 CPU cores.
-# tasks_per_category: the whole built-in suite (84 items). At 3 per category (21 items) the original SmolLM2 scored
-# 0.27 on average, 0 on all arithmetic (its answers were cut off at 8 tokens), so retention hung on ~6 correct items
-# and one flipped item moved it by ~0.15 (docs/eval.md, The verdict)
+# tasks_per_category: the whole built-in suite (336 items; most of the time: 656 of a 706-s eval on 1 thread).
+# At 3 per category (21 items) the original SmolLM2 scored 0.27 on average, 0 on all arithmetic (its answers were
+# cut off at 8 tokens), so retention hung on ~6 correct items and one flipped item moved it by ~0.15; at 12 (84
+# items) one run was good to about +-0.1 (docs/eval.md, The verdict)
 DEFAULTS = dict(max_samples=32, seq_len=256, n_prompts=8, new_tokens=32, tasks_per_category=PER_CATEGORY, batch_size=4)
 
 
@@ -365,7 +366,7 @@ def compare_greedy(fm, prompts: list[list[int]], new_tokens: int, routing: dict,
 def compare_answers(fm, pairs: list[tuple[list[int], list[int]]], routing: dict, batch_size: int) -> dict:
     """Teacher-forced on (prompt, the original's greedy answer) pairs: KL and top-1 agreement at the positions that
     predict the answer's tokens. The routed greedy answer equals the original's iff top-1 agrees at all of them, so
-    this measures what task retention measures, per token instead of per item: far less noise on 84 items."""
+    this measures what task retention measures, per token instead of per item: far less noise than pass/fail items."""
     device = next(fm.model.parameters()).device
     acc, pairs = _Agreement(), [(p, a) for p, a in pairs if a]
     for batch in _batches(pairs, batch_size):
