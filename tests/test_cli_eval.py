@@ -126,6 +126,12 @@ def test_yardstick_places_the_routed_model(checkpoint, capsys):
     _print_report({**result, "retention": 0.6, "yardstick": {"int8": {**ys["int8"], "retention": 0.86},
                                                              "int4": {**ys["int4"], "retention": 0.79}}})
     assert "yardstick: task retention routed 0.6, int8 copy 0.86, int4 g32 copy 0.79" in capsys.readouterr().out
+    _print_report({**result, "retention": 0.6, "retention_interval": [0.5, 0.7],
+                   "yardstick": {"int8": {**ys["int8"], "retention": 0.86, "retention_interval": [0.8, 0.9]},
+                                 "int4": {**ys["int4"], "retention": 0.79, "retention_interval": None}}})
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps at the console's width
+    assert ("yardstick: task retention routed 0.6 (5-95% 0.5-0.7), int8 copy 0.86 (5-95% 0.8-0.9), int4 g32 copy "
+            "0.79 skip rate") in printed
 
 
 def test_thresholds_are_overridable(checkpoint):

@@ -319,7 +319,9 @@ def test_real_yardstick_runs_the_task_suite_on_the_quantised_copies(smollm2, mon
     assert int8["task_score"] == pytest.approx(sum(direct) / len(direct))
     assert int8["retention"] == pytest.approx(int8["task_score"] / r["task_score_original"])
     assert r["task_score_original"] > 0 and ruined["retention"] < 0.5 and ruined["task_flips"]["correct_to_wrong"] > 0
-    assert set(int8) >= {"kl", "kl_p99", "top1_agreement", "retention", "task_score", "task_flips"}
+    assert set(int8) >= {"kl", "kl_p99", "top1_agreement", "retention", "retention_interval", "task_score",
+                         "task_flips"}
+    assert int8["retention_interval"][0] <= int8["retention"] <= int8["retention_interval"][1]
     assert r["retention"] == pytest.approx(1.0)  # the routed model (routers fresh: every layer runs) untouched
 
 

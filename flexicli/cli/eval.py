@@ -157,6 +157,11 @@ def _fmt(value, pct=False):
     return f"{100 * value:.1f}%" if pct else f"{value:.4g}"
 
 
+def _range(low_high) -> str:
+    """' (5-95% a-b)' for a retention interval, '' when there is none (no task suite, or no original score)."""
+    return f" (5-95% {_fmt(low_high[0])}-{_fmt(low_high[1])})" if low_high else ""
+
+
 def _print_report(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -194,8 +199,10 @@ def _print_report(r: dict) -> None:
                   f"{_fmt(ys['int8']['top1_agreement'], True)}; int4 g32: KL {_fmt(ys['int4']['kl'])}, p99 "
                   f"{_fmt(ys['int4']['kl_p99'])}, top-1 {_fmt(ys['int4']['top1_agreement'], True)})")
         if ys["int8"].get("retention") is not None or ys["int4"].get("retention") is not None:
-            out.print(f"yardstick: task retention routed {_fmt(r.get('retention'))}, int8 copy "
-                      f"{_fmt(ys['int8'].get('retention'))}, int4 g32 copy {_fmt(ys['int4'].get('retention'))}")
+            out.print(f"yardstick: task retention routed {_fmt(r.get('retention'))}"
+                      f"{_range(r.get('retention_interval'))}, int8 copy {_fmt(ys['int8'].get('retention'))}"
+                      f"{_range(ys['int8'].get('retention_interval'))}, int4 g32 copy "
+                      f"{_fmt(ys['int4'].get('retention'))}{_range(ys['int4'].get('retention_interval'))}")
     out.print("skip rate per routed unit: " + "  ".join(
         f"{layer}:{100 * rate:.0f}%" for layer, rate in r["per_layer_skip_rate"].items()))
     if r.get("task_scores"):

@@ -422,6 +422,8 @@ def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None,
            **compare_answers(fm, answers, routing, batch_size)}
     if variants:
         out["yardstick_tasks"] = {name: {"retention": retention(everything["original"], everything[name]),
+                                         "retention_interval": retention_interval(everything["original"],
+                                                                                  everything[name]),
                                          "task_score": _mean(everything[name]),
                                          "task_flips": _item_flips(everything["original"], everything[name])}
                                   for name in variants}
@@ -477,9 +479,9 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
     progress: called as progress(stage, done, total) after each batch.
     yardstick: also compare int8 and int4 fake-quantised copies of the original with it under teacher forcing
         (two more forward passes per batch) and, with tasks, on the task suite (two more generations per batch):
-        result["yardstick"] = {"int8": {kl, kl_p99, top1_agreement, retention, task_score, task_flips}, "int4":
-        {...}} and result["yardstick_place"], e.g. "between int8 and int4" (see place()). The copies' retention
-        shows how far the suite moves when only weight rounding changes (on SmolLM2 an int8 copy at KL 0.004 keeps
+        result["yardstick"] = {"int8": {kl, kl_p99, top1_agreement, retention, retention_interval, task_score,
+        task_flips}, "int4": {...}} and result["yardstick_place"], e.g. "between int8 and int4" (see place()). The
+        copies' retention shows how far the suite moves when only weight rounding changes (on SmolLM2 an int8 copy at KL 0.004 keeps
         0.86 of the score: docs/eval.md).
     lm_eval: keywords for flexicli.evaluation.lm_eval.compare (tasks, include, limit, num_fewshot): lm-evaluation-harness
         tasks on both models, result["lm_eval"] (needs the lm-eval extra; not part of the verdict).
