@@ -235,6 +235,23 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     assert batched == alone
 
 
+def test_batched_routed_generation_equals_one_prompt_at_a_time():
+    """Nor which tokens of the batch a router skips (the fast path gathers the running tokens of all rows): the task
+    suite decodes a whole category at once (GENERATE_BATCH)."""
+    fm = FlexiModel.wrap(tiny_model("llama"), routed_layers=[0, 1], base_model="tiny")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # routers that skip some tokens and run others; adapters that change what a skip gives
+        for layer in fm.layers:
+            for p in (*layer.router.parameters(), *layer.adapter.parameters()):
+                p.add_(torch.randn(p.shape, generator=g))
+    prompts = [s[: len(s) // 2] for s in sequences()]
+    rates = compare_teacher_forced(fm, prompts, {"mode": "routed"}, batch_size=4)["per_layer_skip_rate"]
+    assert any(0.1 < r < 0.9 for r in rates.values()), rates  # mixed decisions, or the test shows nothing
+    batched = generate_ids(fm, prompts, 10, {"mode": "routed"})
+    alone = [generate_ids(fm, [p], 10, {"mode": "routed"})[0] for p in prompts]
+    assert batched == alone and batched != generate_ids(fm, prompts, 10, {"mode": "full"})
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_verdict_passes_on_an_exact_conversion(family):
     fm = FlexiModel.wrap(tiny_model(family), base_model="tiny")

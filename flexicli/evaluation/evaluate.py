@@ -48,6 +48,11 @@ from .scores import correct, flips, retention, retention_interval
 # At 3 per category (21 items) the original SmolLM2 scored 0.27 on average, 0 on all arithmetic (its answers were
 # cut off at 8 tokens), so retention hung on ~6 correct items and one flipped item moved it by ~0.15; at 12 (84
 # items) one run was good to about +-0.1 (docs/eval.md, The verdict)
+# The task suite decodes 12 x batch_size prompts at once (48 by default: one category of the suite). Decoding a
+# small model on a CPU is bound by reading the weights, not by the rows: a category at once against 8 at a time
+# took addition's 48 items from 47-51 s to 27 s and continuation's from 25-26 s to 20 s (SmolLM2, 1 thread, same
+# answers). The teacher-forced passes keep batch_size rows: their logits over the vocabulary grow with the rows.
+GENERATE_BATCH = 12
 DEFAULTS = dict(max_samples=32, seq_len=256, n_prompts=8, new_tokens=32, tasks_per_category=PER_CATEGORY, batch_size=4)
 
 
@@ -387,10 +392,11 @@ def compare_answers(fm, pairs: list[tuple[list[int], list[int]]], routing: dict,
 
 
 def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None,
-                  variants: dict[str, Callable] | None = None) -> dict:
+                  variants: dict[str, Callable] | None = None, generate_batch: int | None = None) -> dict:
     """The task suite on both models; each category's batches use that category's answer length. Also
-    compare_answers on the original's answers. `variants`: name -> a context-manager factory (the yardstick's
-    quantised originals), each run on the suite too and compared with the original under "yardstick_tasks"."""
+    compare_answers on the original's answers (`batch_size` rows a pass). `variants`: name -> a context-manager
+    factory (the yardstick's quantised originals), each run on the suite too and compared with the original under
+    "yardstick_tasks". `generate_batch`: prompts decoded together (default `batch_size`)."""
     models = {"original": ({"mode": "full"}, nullcontext), "routed": (routing, nullcontext),
               **{name: ({"mode": "full"}, make) for name, make in (variants or {}).items()}}
     scores: dict[str, dict[str, list[float]]] = {}
@@ -399,7 +405,7 @@ def compare_tasks(fm, tasks: list, routing: dict, batch_size: int, tick=None,
     for task in tasks:
         by_category.setdefault(task.category, []).append(task)
     for category, items in by_category.items():
-        for batch in _batches(items, batch_size):
+        for batch in _batches(items, generate_batch or batch_size):
             prompts = [prompt_ids(fm.tokenizer, t.prompt, chat=True) for t in batch]
             for name, (mode, make) in models.items():
                 with make():
@@ -528,8 +534,8 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
         timed("greedy generation", lambda: compare_greedy(fm, greedy_prompts, new_tokens, routing, 2 * batch_size,
                                                           ticker("greedy generation", len(greedy_prompts))))
     if tasks:
-        timed("task suite", lambda: compare_tasks(fm, tasks, routing, 2 * batch_size,
-                                                  ticker("task suite", len(tasks)), variants))
+        timed("task suite", lambda: compare_tasks(fm, tasks, routing, 2 * batch_size, ticker("task suite", len(tasks)),
+                                                  variants, generate_batch=GENERATE_BATCH * batch_size))
         for name, figures in result.pop("yardstick_tasks", {}).items():
             result["yardstick"][name].update(figures)
     if lm_eval:

@@ -193,6 +193,7 @@ def save_figures(folder: Path, analysis) -> list[str]:
                for i, r in enumerate(analysis.layer_usage)]
     ax.bar(layers, [100 * r for r in analysis.layer_usage], color=colours)
     ax.set_xlabel("decoder layer (grey: not routed, always run)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # layers are whole numbers (not 2.5, 7.5)
     ax.set_ylabel("tokens that ran it (%)")
     ax.set_ylim(0, 105)
     ax.set_title(f"Per-layer usage over {analysis.tokens} generated tokens")
