@@ -41,7 +41,9 @@ class Limit(click.ParamType):
               help="Tokens generated per prompt.")
 @click.option("--tasks-per-category", type=click.IntRange(min=0), default=PER_CATEGORY, show_default=True,
               help="Items of each task category run on both models (the default is all of them; 0: skip the task suite).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Rows a teacher-forced pass; greedy generation decodes 2x as many prompts at once, the task "
+              "suite 12x (a category of 48).")
 @click.option("--threshold", type=float, default=None,
               help="Router threshold to evaluate at (default: the checkpoint's own).")
 @click.option("--skip-layers", default=None, help="Instead of the routers: skip these routed layers for every "
