@@ -50,8 +50,8 @@ from .scores import correct, flips, retention, retention_interval
 # items) one run was good to about +-0.1 (docs/eval.md, The verdict)
 # The task suite decodes 12 x batch_size prompts at once (48 by default: one category of the suite). Decoding a
 # small model on a CPU is bound by reading the weights, not by the rows: a category at once against 8 at a time
-# took addition's 48 items from 47-51 s to 27 s and continuation's from 25-26 s to 20 s (SmolLM2, 1 thread, same
-# answers). The teacher-forced passes keep batch_size rows: their logits over the vocabulary grow with the rows.
+# took addition's 48 items from 47-51 s to 27 s and continuation's from 25-26 s to 20 s, the whole suite 1.24-1.41x
+# faster with the same scores (SmolLM2, 1 thread; benchmarks/task_batch.py). The teacher-forced passes keep batch_size rows: their logits over the vocabulary grow with the rows.
 GENERATE_BATCH = 12
 DEFAULTS = dict(max_samples=32, seq_len=256, n_prompts=8, new_tokens=32, tasks_per_category=PER_CATEGORY, batch_size=4)
 
