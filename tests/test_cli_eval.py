@@ -130,7 +130,7 @@ def test_yardstick_places_the_routed_model(checkpoint, capsys):
                    "yardstick": {"int8": {**ys["int8"], "retention": 0.86, "retention_interval": [0.8, 0.9]},
                                  "int4": {**ys["int4"], "retention": 0.79, "retention_interval": None}}})
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps at the console's width
-    assert ("yardstick: task retention routed 0.6 (5-95% 0.5-0.7), int8 copy 0.86 (5-95% 0.8-0.9), int4 g32 copy "
+    assert ("yardstick: task retention routed 0.6 (5-95%: 0.5-0.7), int8 copy 0.86 (5-95%: 0.8-0.9), int4 g32 copy "
             "0.79 skip rate") in printed
 
 

@@ -159,9 +159,9 @@ def _fmt(value, pct=False):
     return f"{100 * value:.1f}%" if pct else f"{value:.4g}"
 
 
-def _range(low_high) -> str:
-    """' (5-95% a-b)' for a retention interval, '' when there is none (no task suite, or no original score)."""
-    return f" (5-95% {_fmt(low_high[0])}-{_fmt(low_high[1])})" if low_high else ""
+def _range(low_high, pct=False) -> str:
+    """' (5-95%: a-b)' for a retention interval, '' when there is none (no task suite, or no original score)."""
+    return f" (5-95%: {_fmt(low_high[0], pct)}-{_fmt(low_high[1], pct)})" if low_high else ""
 
 
 def _print_report(r: dict) -> None:
@@ -216,7 +216,7 @@ def _print_report(r: dict) -> None:
         low_high = r.get("retention_interval")
         tasks.add_row("all", str(sum(s["items"] for s in r["task_scores"].values())), _fmt(r["task_score_original"]),
                       _fmt(r["task_score_routed"]), _fmt(r["retention"], True)
-                      + (f" (5-95%: {_fmt(low_high[0], True)}-{_fmt(low_high[1], True)})" if low_high else ""))
+                      + _range(low_high, pct=True))
         out.print(tasks)
     if r.get("task_answer_tokens"):
         out.print(f"on the original's answers ({r['task_answer_tokens']} tokens, teacher-forced): KL "

@@ -44,14 +44,16 @@ from ..data.tasks import PER_CATEGORY
 from .scores import correct, flips, retention, retention_interval
 
 # Defaults chosen so that `flexi eval` on SmolLM2-135M finishes in a few minutes on 2 CPU cores.
-# tasks_per_category: the whole built-in suite (336 items; most of the time: 656 of a 706-s eval on 1 thread).
+# tasks_per_category: the whole built-in suite (336 items; most of the time: 656 of a 706-s eval on 1 thread, at 8
+# prompts a batch).
 # At 3 per category (21 items) the original SmolLM2 scored 0.27 on average, 0 on all arithmetic (its answers were
 # cut off at 8 tokens), so retention hung on ~6 correct items and one flipped item moved it by ~0.15; at 12 (84
 # items) one run was good to about +-0.1 (docs/eval.md, The verdict)
 # The task suite decodes 12 x batch_size prompts at once (48 by default: one category of the suite). Decoding a
 # small model on a CPU is bound by reading the weights, not by the rows: a category at once against 8 at a time
 # took addition's 48 items from 47-51 s to 27 s and continuation's from 25-26 s to 20 s, the whole suite 1.24-1.41x
-# faster with the same scores (SmolLM2, 1 thread; benchmarks/task_batch.py). The teacher-forced passes keep batch_size rows: their logits over the vocabulary grow with the rows.
+# faster with the same scores (SmolLM2, 1 thread; benchmarks/task_batch.py). The teacher-forced passes keep
+# batch_size rows: their logits over the vocabulary grow with the rows.
 GENERATE_BATCH = 12
 DEFAULTS = dict(max_samples=32, seq_len=256, n_prompts=8, new_tokens=32, tasks_per_category=PER_CATEGORY, batch_size=4)
 
@@ -487,8 +489,8 @@ def evaluate(fm, data=None, prompts=None, tasks=None, max_samples: int = DEFAULT
         (two more forward passes per batch) and, with tasks, on the task suite (two more generations per batch):
         result["yardstick"] = {"int8": {kl, kl_p99, top1_agreement, retention, retention_interval, task_score,
         task_flips}, "int4": {...}} and result["yardstick_place"], e.g. "between int8 and int4" (see place()). The
-        copies' retention shows how far the suite moves when only weight rounding changes (on SmolLM2 an int8 copy at KL 0.004 keeps
-        0.86 of the score: docs/eval.md).
+        copies' retention shows how far the suite moves when only weight rounding changes (on SmolLM2 an int8 copy
+        at KL 0.004 keeps 0.86 of the score: docs/eval.md).
     lm_eval: keywords for flexicli.evaluation.lm_eval.compare (tasks, include, limit, num_fewshot): lm-evaluation-harness
         tasks on both models, result["lm_eval"] (needs the lm-eval extra; not part of the verdict).
     """
