@@ -1,7 +1,8 @@
-"""Adapter initialisation without any training: static skipping of the K least influential routed layers of SmolLM2,
-with fresh adapters (down_proj = 0), ridge least squares only, and least squares plus the local MSE phase.
+"""Adapter initialisation without any training: static skipping of the K least influential routed layers of SmolLM2
+(or of --base, e.g. Gemma-3-270M's GGUF), with fresh adapters (down_proj = 0), ridge least squares only, and least
+squares plus the local MSE phase.
 
-    python benchmarks/adapter_init_probe.py --skip 4 [--adapter-reduction 8] [--layers all]
+    python benchmarks/adapter_init_probe.py --skip 4 [--adapter-reduction 8] [--layers all] [--base model.gguf]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--adapter-reduction", type=int, default=16, help="adapter width = the MLP's width / this")
     ap.add_argument("--layers", default="half", help="layers to route, as flexi convert --layers")
+    ap.add_argument("--base", default=None, help="base model as flexi convert takes it (default: the embedded one)")
     args = ap.parse_args()
 
     from flexicli.train.adapter_init import fit_adapters
@@ -28,7 +30,7 @@ def main():
     from flexicli.train.config import TrainConfig
     from flexicli.train.loop import heldout_rows, training_rows
 
-    model, tok, info = load_base(None, dtype="float32", device="cpu")
+    model, tok, info = load_base(args.base, dtype="float32", device="cpu")
     n = model.config.num_hidden_layers
     fm = FlexiModel.wrap(model, tok, routed_layers=parse_layers(args.layers, n), base_model=info.base_model,
                         adapter_reduction=args.adapter_reduction)

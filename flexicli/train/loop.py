@@ -447,7 +447,8 @@ def _before_step_0(fm, run: _Run, progress, log) -> None:
             log(f"adapters fitted: {min(shares):.2f}..{max(shares):.2f} of each {replaced} update reproduced "
                 "(tokens not fitted on)")
         if fit["not_fitted"]:
-            log(f"adapters not fitted (their output passes through a norm): layers {fit['not_fitted']}")
+            log(f"adapters left fresh (a fit no better than adding nothing, or an output norm that is not RMS): "
+                f"layers {fit['not_fitted']}")
     budget = run.budget
     if run.warm and cfg.objective == "kl" and budget.kind == "penalty" and cfg.penalty_start == "balance":
         idx = [batch_indices(rows.shape[0], cfg.seed, m, cfg.batch_size) for m in range(4)]  # the first 4 micro-batches
