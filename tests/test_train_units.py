@@ -141,10 +141,12 @@ def test_default_training_warm_starts_and_fits_every_unit(unit):
     assert list(summary["router_fit"]["spearman_heldout"]) == fm.unit_labels
     asked = summary["router_fit"]["target_skip_rate"]
     assert fm.layer_equivalents(asked.values()) == pytest.approx(0.5, abs=0.05)
-    assert sorted(summary["adapter_fit"]["explained_heldout"]) == ["0", "1"]
-    # (the share explained on held-out tokens is noise on random tokens, see tests/test_adapter_init.py; what the
-    # adapter is fitted to is tested above) fitted: no longer the fresh adapter that adds nothing
-    assert all(bool(layer.adapter.down_proj.weight.any()) for layer in fm.layers)
+    # every layer fitted or, where its fit reproduced less of the held-out update than a fresh adapter, named and kept
+    # fresh (on random tokens the share explained is noise, see tests/test_adapter_init.py; what the adapter is
+    # fitted to is tested there): measured here, layer 0 fitted, layer 1 kept fresh
+    fit = summary["adapter_fit"]
+    assert sorted([*fit["explained_heldout"], *map(str, fit["not_fitted"])]) == ["0", "1"]
+    assert fit["explained_heldout"] and all(0 < v <= 1 for v in fit["explained_heldout"].values())
     assert list(summary["per_layer_skip_rate"]) == fm.unit_labels
 
 
