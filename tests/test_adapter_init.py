@@ -86,8 +86,10 @@ def test_bf16_model_is_fitted():
         fm = FlexiModel.wrap(tiny_model("llama").to(dtype), routed_layers=[1], base_model="tiny")
         xs, ys = layer_pairs(fm, rows(16))
         adapter = fm.layers[0].adapter
-        with torch.no_grad():  # the solve alone: on random tokens the fit explains ~0 of the held-out update, and
-            _ridge_down(adapter, xs[0].to(dtype), ys[0].to(dtype), 1e-3)  # fit_adapters rightly rejects it (keeps the fresh adapter)
+        # the solve alone: on random tokens the fit explains ~0 of the held-out update, and fit_adapters rightly
+        # rejects it (keeps the fresh adapter)
+        with torch.no_grad():
+            _ridge_down(adapter, xs[0].to(dtype), ys[0].to(dtype), 1e-3)
         fits[dtype] = adapter.down_proj.weight.detach().clone()
         fit_adapters(fm, rows(16), local_steps=0)  # and end to end, in the model's dtype, without an error
     assert fits[torch.bfloat16].dtype == torch.bfloat16
