@@ -49,7 +49,7 @@ def test_fitted_adapters_beat_fresh_ones_when_the_layer_is_skipped(family):
     before = compare_teacher_forced(fm, held, skip, 4)["kl"]
     report = fit_adapters(fm, train, local_steps=50)
     after = compare_teacher_forced(fm, held, skip, 4)["kl"]
-    assert after < 0.9 * before, (before, after)  # measured: llama 2.19 -> 1.85, gemma3_text 11.7 -> 0.03
+    assert after < 0.9 * before, (before, after)  # measured: llama 2.19 -> 1.85, gemma3_text 11.7 -> 0.013
     assert set(report["explained_heldout"]) == {"0", "1"} and report["not_fitted"] == []
     assert all(0 < share <= 1 for share in report["explained_heldout"].values())
     x = rows(2, 16, seed=2)  # routers still run every token: the original logits, exactly

@@ -11,9 +11,9 @@ That is for skip unit `layer`. With `module` and `mlp` (flexicli/core/units.py) 
 so it is fitted to the MLP's update: x = mlp_norm(h_mid), target = h_out - h_mid (h_mid: the residual stream after
 the layer's attention, what the MLP router and the MLP read).
 
-gate/up start from the base MLP's `adapter_dim` neurons that are most active on x (when the MLP is a SiLU-gated
-gate_proj/up_proj MLP, as in Llama, Mistral, Qwen); down_proj is then the ridge least-squares solution of target on
-those activations (closed form), and a short local phase (Adam on the MSE, this layer alone: no LM head, no other
+gate/up start from the base MLP's `adapter_dim` neurons that are most active on x (when the MLP is a gated
+gate_proj/up_proj MLP: SiLU in Llama, Mistral, Qwen, GELU in Gemma); down_proj is then the ridge least-squares
+solution of target on those activations (closed form), and a short local phase (Adam on the MSE, this layer alone: no LM head, no other
 layer) fits all three together.
 
 Families whose adapter output passes through an RMS norm (Gemma, OLMo-2's post-norms: h + post(adapter(x))) are fitted
@@ -49,11 +49,14 @@ def layer_pairs(fm, rows: torch.Tensor, batch_size: int = 8) -> tuple[list[torch
 
 
 def _neuron_init(adapter: nn.Module, mlp: nn.Module, x: torch.Tensor) -> bool:
-    """Copy the MLP's most active neurons into the adapter's gate/up; False where the MLP is not SiLU-gated."""
+    """Copy the gated MLP's most active neurons (by its own activation: SiLU in Llama, GELU in Gemma) into the
+    adapter's gate/up; False where the MLP has no gate_proj/up_proj/act_fn. The adapter keeps its SiLU: for a GELU
+    MLP the copied neurons are close, not equal, and the least squares that follows fits down_proj to them (on
+    Gemma-3-270M, static skip of 4: KL 0.925 with random gate/up -> 0.717 with copied ones, docs/results.md)."""
     gate, up, act = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "act_fn"))
-    if gate is None or up is None or not isinstance(act, nn.SiLU):
+    if gate is None or up is None or act is None:
         return False
-    a = nn.functional.silu(nn.functional.linear(x, gate.weight.float())) * nn.functional.linear(x, up.weight.float())
+    a = act(nn.functional.linear(x, gate.weight.float())) * nn.functional.linear(x, up.weight.float())
     top = a.abs().mean(0).topk(adapter.gate_proj.weight.shape[0]).indices
     adapter.gate_proj.weight.copy_(gate.weight[top])
     adapter.up_proj.weight.copy_(up.weight[top])
