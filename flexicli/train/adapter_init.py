@@ -13,8 +13,8 @@ the layer's attention, what the MLP router and the MLP read).
 
 gate/up start from the base MLP's `adapter_dim` neurons that are most active on x (when the MLP is a gated
 gate_proj/up_proj MLP: SiLU in Llama, Mistral, Qwen, GELU in Gemma); down_proj is then the ridge least-squares
-solution of target on those activations (closed form), and a short local phase (Adam on the MSE, this layer alone: no LM head, no other
-layer) fits all three together.
+solution of target on those activations (closed form), and a short local phase (Adam on the MSE, this layer alone:
+no LM head, no other layer) fits all three together.
 
 Families whose adapter output passes through an RMS norm (Gemma, OLMo-2's post-norms: h + post(adapter(x))) are fitted
 through it: that norm only keeps a vector's direction and scales each channel by its weight s (s = post(ones)), so the
