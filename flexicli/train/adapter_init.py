@@ -22,8 +22,8 @@ least-squares target is the update divided by s. The local phase is left out the
 update far better and made static skipping worse (docs/results.md, "Adapters and router warm start"). An output norm
 of another kind (one that is not scale-invariant, e.g. LayerNorm with its mean and bias) keeps the fresh adapter, and
 so does any fit that reproduces less of the update than a fresh adapter (0) on the held-out tokens; the report names
-those layers. Exactness at birth is unaffected: routers still start by running
-every token, and a token that runs never sees the adapter.
+those layers. Exactness at birth is unaffected: routers still start by running every token, and a token that runs
+never sees the adapter.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.routed_layer import _identity
 from ..core.units import adapter_unit, unit_span
 
 
@@ -61,10 +62,6 @@ def _neuron_init(adapter: nn.Module, mlp: nn.Module, x: torch.Tensor) -> bool:
     adapter.gate_proj.weight.copy_(gate.weight[top])
     adapter.up_proj.weight.copy_(up.weight[top])
     return True
-
-
-def _identity(t):
-    return t
 
 
 def _rms_scale(post, hidden: int, ref: torch.Tensor) -> torch.Tensor | None:
@@ -124,20 +121,21 @@ def fit_adapters(fm, rows: torch.Tensor, max_tokens: int = 16384, ridge: float =
         ad = layer.adapter
         ref = next(ad.parameters())
         post = layer._part(layer.parts.mlp_out_norm) or _identity
-        scale = None if post is _identity else _rms_scale(post, ad.down_proj.weight.shape[0], ref)
-        if post is not _identity and scale is None:
+        normed = post is not _identity
+        scale = _rms_scale(post, ad.down_proj.weight.shape[0], ref) if normed else None
+        if normed and scale is None:
             skipped.append(layer.layer_index)
         else:
-            x, y = xs[i].to(ref.device), ys[i].to(ref.device)
-            cut = x.shape[0] * 7 // 8
-            pre = y[:cut]  # the least-squares target in front of the output norm: y / s (safe where s is near 0)
-            if scale is not None:
-                pre = (pre.float() * scale / (scale.pow(2) + 1e-4 * scale.pow(2).mean())).to(y.dtype)
-            x, y, pre = x.to(ref.dtype), y.to(ref.dtype), pre.to(ref.dtype)
+            cut = xs[i].shape[0] * 7 // 8
+            # the least-squares target in front of the output norm: y / s (safe where a channel's s is near 0)
+            pre = ys[i][:cut].to(ref.device)
+            if normed:
+                pre = pre * scale / (scale.pow(2) + 1e-4 * scale.pow(2).mean())
+            x, y, pre = xs[i].to(ref.device, ref.dtype), ys[i].to(ref.device, ref.dtype), pre.to(ref.dtype)
             with torch.no_grad():
                 _neuron_init(ad, layer._part(layer.parts.mlp), xs[i][:cut].to(ref.device))
                 _ridge_down(ad, x[:cut], pre, ridge)
-            if local_steps and scale is None:  # not through a norm: on Gemma the local phase lowered the MSE
+            if local_steps and not normed:  # not through a norm: on Gemma the local phase lowered the MSE
                 _local_fit(ad, x[:cut], y[:cut], local_steps, lr)  # (0.07-0.89 -> 0.50-0.97 of each update
                 # explained) but raised the KL of static skipping, 0.925 -> 0.975 (docs/results.md); on SmolLM2 it
                 # lowers both
