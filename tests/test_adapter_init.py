@@ -57,6 +57,23 @@ def test_fitted_adapters_beat_fresh_ones_when_the_layer_is_skipped(family):
         assert torch.equal(fm.model(x).logits, original(x).logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_adapter_gate_up_are_the_mlps_most_active_neurons(family):
+    """llama's act_fn is transformers' SiLUActivation and Gemma's GELUTanh, neither an nn.SiLU: until e9cabef the copy
+    asked for nn.SiLU and skipped both without a word. gpt2's MLP (c_fc/c_proj) has no gate to copy: reported."""
+    fm = FlexiModel.wrap(tiny_model(family), routed_layers=[1], base_model="tiny")
+    report = fit_adapters(fm, rows(16), local_steps=0)
+    gate, mlp = fm.layers[0].adapter.gate_proj.weight, fm.layers[0].base_layer.mlp
+    if family == "gpt2":
+        assert report["random_neurons"] == [1]
+        return
+    assert report["random_neurons"] == []
+    # each adapter neuron is one of the MLP's, each taken once
+    match = (gate[:, None, :] == mlp.gate_proj.weight[None]).all(-1)
+    assert match.sum(1).eq(1).all() and match.sum(0).le(1).all()
+    assert torch.equal(fm.layers[0].adapter.up_proj.weight, mlp.up_proj.weight[match.float().argmax(1)])
+
+
 def test_output_norm_scale_is_read_only_from_rms_norms():
     layer = tiny_model("gemma3_text").model.layers[0]
     norm = layer.post_feedforward_layernorm
@@ -73,7 +90,7 @@ def test_output_norm_of_another_kind_is_reported_not_fitted():
     fm.layers[0].base_layer.post_feedforward_layernorm = torch.nn.LayerNorm(fm.model.config.hidden_size)
     before = {k: v.clone() for k, v in fm.flexi_state_dict().items()}
     report = fit_adapters(fm, rows(8, 16), local_steps=5)
-    assert report == {"explained_heldout": {}, "not_fitted": [1]}
+    assert report == {"explained_heldout": {}, "not_fitted": [1], "random_neurons": []}
     assert all(torch.equal(v, before[k]) for k, v in fm.flexi_state_dict().items())
 
 
