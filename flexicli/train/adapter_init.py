@@ -150,6 +150,6 @@ def fit_adapters(fm, rows: torch.Tensor, max_tokens: int = 16384, ridge: float =
                 skipped.append(layer.layer_index)
         if progress:
             progress(i + 1, len(fm.layers))
-    # said, not silent: until e9cabef the copy tested isinstance(act_fn, nn.SiLU), which transformers 5's
-    # SiLUActivation is not, so SmolLM2's gate/up stayed random with nothing in the log (docs/results.md)
+    # said, not silent: until e9cabef the copy tested isinstance(act_fn, nn.SiLU), which the SiLUActivation of
+    # transformers 5.24 is not, so SmolLM2's gate/up stayed random with nothing in the log (docs/results.md)
     return {"explained_heldout": explained, "not_fitted": skipped, "random_neurons": random_neurons}
