@@ -12,7 +12,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @model_option
 @click.option("--skip-target", type=float, default=None, help="Mean layers to skip per token, in layer-equivalents: a skipped attention or MLP sublayer (skip unit module/mlp) counts its share of the layer's parameters (required unless the recipe sets it).")
 @click.option("--data", default=None, help="mix (default: selfgen, about half the rows, and documentation of installed packages) | selfgen (the model's own answers to built-in prompts) | docs | prompts | PATH (.jsonl with messages, text or input_ids per line; .txt) | Hub dataset id. input_ids rows (token ids, packed as given) train a model that has no tokenizer.")
-@click.option("--steps", type=int, default=None, help="Optimiser steps (default 180: ~58.5 min with data preparation for SmolLM2-135M on 2 CPU cores).")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default 180: ~60 min with data preparation for SmolLM2-135M on 2 CPU cores).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch (default 4).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimiser step (default 1).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default 256).")
