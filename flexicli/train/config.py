@@ -17,7 +17,7 @@ class TrainConfig:
     # at 180 steps on two seeds, code f048813 (docs/results.md): flexi eval KL / top-1 / retention on 336 items
     # 0.136 / 0.851 / 1.064 and 0.112 / 0.873 / 1.034, both passed; 140 steps (code 7062686, before the MLP neurons
     # were copied into SmolLM2's adapters) passed one seed of two. Convert + train at 180 steps on 2 CPU cores:
-    # 60-61.5 min estimated from timed parts (README): at the 60-minute budget
+    # 60.1-61.5 min estimated from timed parts (README): at the 60-minute budget
     steps: int = 180
     batch_size: int = 4
     grad_accum: int = 1

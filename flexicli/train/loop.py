@@ -446,7 +446,7 @@ def _before_step_0(fm, run: _Run, progress, log) -> None:
             shares = fit["explained_heldout"].values()
             log(f"adapters fitted: {min(shares):.2f}..{max(shares):.2f} of each {replaced} update reproduced "
                 "(tokens not fitted on)")
-        if fit.get("random_neurons"):
+        if fit["random_neurons"]:
             log(f"adapters keep random gate/up (the MLP has no gate_proj/up_proj/act_fn to copy neurons from): "
                 f"layers {fit['random_neurons']}")
         if fit["not_fitted"]:
