@@ -3,6 +3,7 @@
 squares plus the local MSE phase.
 
     python benchmarks/adapter_init_probe.py --skip 4 [--adapter-reduction 8] [--layers all] [--base model.gguf]
+        [--local-steps 200 50]   # one "least squares + local" row per length of the local phase (default: 200)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def main():
     ap.add_argument("--adapter-reduction", type=int, default=16, help="adapter width = the MLP's width / this")
     ap.add_argument("--layers", default="half", help="layers to route, as flexi convert --layers")
     ap.add_argument("--base", default=None, help="base model as flexi convert takes it (default: the embedded one)")
+    ap.add_argument("--local-steps", type=int, nargs="+", default=[200],
+                    help="lengths of the local MSE phase to measure, each from the least-squares start")
     args = ap.parse_args()
 
     from flexicli.train.adapter_init import fit_adapters
@@ -53,10 +56,12 @@ def main():
     out["ls_report"] = fit_adapters(fm, rows, local_steps=0)
     out["ls_seconds"] = round(time.perf_counter() - t, 1)
     measure("least_squares")
-    t = time.perf_counter()
-    out["local_report"] = fit_adapters(fm, rows)
-    out["local_seconds"] = round(time.perf_counter() - t, 1)
-    measure("least_squares_local")
+    for steps in args.local_steps:  # each fit starts afresh: neurons copied, down_proj solved, then the local phase
+        name = "least_squares_local" + ("" if steps == 200 else f"_{steps}")
+        t = time.perf_counter()
+        out[name + "_report"] = fit_adapters(fm, rows, local_steps=steps)
+        out[name + "_seconds"] = round(time.perf_counter() - t, 1)
+        measure(name)
     print(json.dumps(out))
 
 
