@@ -57,7 +57,7 @@ def main():
     out["ls_seconds"] = round(time.perf_counter() - t, 1)
     measure("least_squares")
     for steps in args.local_steps:  # each fit starts afresh: neurons copied, down_proj solved, then the local phase
-        name = "least_squares_local" + ("" if steps == 200 else f"_{steps}")
+        name = f"least_squares_local_{steps}"
         t = time.perf_counter()
         out[name + "_report"] = fit_adapters(fm, rows, local_steps=steps)
         out[name + "_seconds"] = round(time.perf_counter() - t, 1)
