@@ -12,7 +12,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @model_option
 @click.option("--skip-target", type=float, default=None, help="Mean layers to skip per token, in layer-equivalents: a skipped attention or MLP sublayer (skip unit module/mlp) counts its share of the layer's parameters (required unless the recipe sets it).")
 @click.option("--data", default=None, help="mix (default: selfgen, about half the rows, and documentation of installed packages) | selfgen (the model's own answers to built-in prompts) | docs | prompts | PATH (.jsonl with messages, text or input_ids per line; .txt) | Hub dataset id. input_ids rows (token ids, packed as given) train a model that has no tokenizer.")
-@click.option("--steps", type=int, default=None, help="Optimiser steps (default 180: ~60 min with data preparation for SmolLM2-135M on 2 CPU cores).")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default 160: convert + train of SmolLM2-135M within an hour on 2 CPU cores, data preparation included).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch (default 4).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimiser step (default 1).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default 256).")
@@ -23,7 +23,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--router-init", type=click.Choice(["none", "influence"]), default=None, help="influence (default): first fit the routers to each routed unit's token-level influence (layer, attention or MLP sublayer); none: start from the fresh routers.")
 @click.option("--adapter-init", type=click.Choice(["fit", "none"]), default=None, help="fit (default): before step 0, fit each adapter to the update it replaces (the whole layer's for skip unit layer, the MLP's for module/mlp; least squares, then a short local MSE phase); none: fresh adapters that add nothing.")
 @click.option("--alpha", type=float, default=None, help="FlexiDepth penalty weight (objective lm).")
-@click.option("--eval-every", type=int, default=None, help="Steps between validation evaluations (default 30): they choose the checkpoint and catch a diverged run (config key rollback).")
+@click.option("--eval-every", type=int, default=None, help="Steps between validation evaluations (default 40): they choose the checkpoint and catch a diverged run (config key rollback).")
 @click.option("--save-every", type=int, default=None)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute each routed layer in backward instead of storing its activations (default on: peak memory 1.12x the frozen model's instead of 1.60x, for a few % more time a step).")
 @click.option("--calibrate/--no-calibrate", default=None, help="Nudge the threshold after training so held-out skipping hits the target.")
