@@ -24,7 +24,7 @@ def main():
     ap.add_argument("checkpoint")
     ap.add_argument("--target", type=float, required=True, help="N: layer-equivalents skipped per token")
     ap.add_argument("--stdlib", required=True, help="the .txt benchmarks/stdlib_text.py writes")
-    ap.add_argument("--rows", type=int, default=40, help="rows of 256 tokens per text (at most)")
+    ap.add_argument("--rows", type=int, default=40, help="rows per text (at most), of the default seq_len (256)")
     ap.add_argument("--grid", type=float, nargs=2, default=(0.2, 2.0), metavar=("STEP", "SPAN"),
                     help="threshold logits probed: the checkpoint's +/- SPAN in steps of STEP")
     ap.add_argument("--out", default=None)
@@ -43,11 +43,12 @@ def main():
     torch.manual_seed(0)
     fm = FlexiModel.load(args.checkpoint, device="cpu", dtype="float32")
     fm.model.eval()
-    trained_on = set(package_docs(TrainConfig(skip_target=args.target).docs_chars))  # data mix's documentation
-    unseen_docs = [d for d in package_docs(3_000_000) if d not in trained_on]
-    texts = {"conversations": heldout_rows(fm, 256)[:args.rows],
-             "package_docs": pack(fm.tokenizer, unseen_docs, 256)[:args.rows],
-             "stdlib_docstrings": pack(fm.tokenizer, read_data(args.stdlib, fm.tokenizer), 256)[:args.rows]}
+    cfg = TrainConfig(skip_target=args.target)  # the defaults: data mix's documentation, the row length
+    trained_on = set(package_docs(cfg.docs_chars))
+    unseen_docs = [d for d in package_docs(2 * cfg.docs_chars) if d not in trained_on]
+    texts = {"conversations": heldout_rows(fm, cfg.seq_len)[:args.rows],
+             "package_docs": pack(fm.tokenizer, unseen_docs, cfg.seq_len)[:args.rows],
+             "stdlib_docstrings": pack(fm.tokenizer, read_data(args.stdlib, fm.tokenizer), cfg.seq_len)[:args.rows]}
     prefixes = {k: first_routed_inputs(fm, rows) for k, rows in texts.items()}
     trained = threshold_logit(fm.config.threshold)
 
