@@ -155,6 +155,32 @@ def test_gate_margin_pushes_gates_off_the_threshold():
     assert gate_margin(ranked, center=0.0).item() == pytest.approx(0.5 + 1.2, abs=1e-4)
 
 
+def test_row_spread_moves_skips_between_rows_and_leaves_the_mean(tmp_path):
+    """The term is the variance of the rows' counts: zero when every row skips alike, and its gradient pushes a row
+    that skips more than the batch toward running and one that skips less toward skipping, summing to zero; a run
+    with it logs the rows' spread; a negative weight is refused."""
+    from flexicli.core.errors import BadInput
+    from flexicli.train.objectives import row_spread
+
+    assert row_spread(torch.full((3, 5), 2.0)).item() == 0.0
+    counts = torch.tensor([[3.0, 3.0], [1.0, 1.0]], requires_grad=True)  # row 0 skips 3 layers a token, row 1 skips 1
+    spread = row_spread(counts)
+    assert spread.item() == pytest.approx(1.0)
+    spread.backward()
+    assert (counts.grad[0] > 0).all() and (counts.grad[1] < 0).all()  # descent: row 0 skips less, row 1 more
+    assert counts.grad.sum().item() == pytest.approx(0.0, abs=1e-7)  # the batch's mean count is the budget's
+    with pytest.raises(BadInput, match="row_spread"):
+        cfg(row_spread=-1.0).check()
+    with pytest.raises(BadInput, match="objective kl"):
+        cfg(row_spread=1.0, objective="lm").check()
+    fm, rows, _ = setup(tmp_path)
+    for layer in fm.layers:  # routers that skip some tokens, so rows can differ
+        torch.nn.init.normal_(layer.router.head.weight, std=1.0)
+    train(fm, cfg(steps=2, row_spread=1.0), rows=rows, heldout=None, progress=False, log=lambda m: None)
+    steps = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and any(r["row_skip_std"] > 0 for r in steps)
+
+
 @pytest.mark.parametrize("budget", ["penalty", "threshold", "capacity"])
 def test_resume_equals_unbroken_run(tmp_path, budget):
     fm_a, rows, heldout = setup(tmp_path / "a")

@@ -63,6 +63,10 @@ class TrainConfig:
     # Measured at 0.5 on SmolLM2, N = 4, seed 0 (docs/results.md): held-out KL 0.553 at step 60 against 0.273
     # uncapped, task answers no better; so off
     max_skip_share: float = 1.0
+    # objective kl: + row_spread * the variance of the rows' own skipped counts in a micro-batch (objectives.
+    # row_spread; mean-neutral: the budget still sets the mean). Why: the budget holds the batch's mean, and at N = 8
+    # the routers spent it on conversations (7.96 skipped) while documentation skipped 6.20. 0: off
+    row_spread: float = 0.0
     ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
     # > 0: an evaluation whose validation KL is more than this multiple of the best so far sends training back to
     # the best weights, at half the learning rate (re-warmed over `warmup` steps, Adam's moments reset, the budget's
@@ -131,6 +135,10 @@ class TrainConfig:
             raise BadInput(f"hidden_weight must be at least 0, not {self.hidden_weight}", "0 turns the term off")
         if self.hidden_weight and self.objective != "kl":
             raise BadInput(f"hidden_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
+        if self.row_spread < 0:
+            raise BadInput(f"row_spread must be at least 0, not {self.row_spread}", "0 turns the term off")
+        if self.row_spread and self.objective != "kl":
+            raise BadInput(f"row_spread applies to objective kl, not {self.objective!r}", "drop it or use kl")
         if self.answer_weight < 0:
             raise BadInput(f"answer_weight must be at least 0, not {self.answer_weight}", "0 weighs every token alike")
         if self.answer_weight and self.objective != "kl":

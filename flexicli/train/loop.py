@@ -27,7 +27,7 @@ from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
 from .objectives import (answer_weights, distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss,
-                         logits_fn, skip_cap_loss, unit_density)
+                         logits_fn, row_spread, skip_cap_loss, unit_density)
 from .calibration import calibrate_threshold, mean_skipped
 from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
@@ -189,6 +189,8 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
             extra = extra + cfg.hidden_weight * term
         if capped:
             extra = extra + skip_cap_loss(density, cfg.max_skip_share)
+        if cfg.row_spread > 0:
+            extra = extra + cfg.row_spread * row_spread(skipped_st)
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()
@@ -204,7 +206,9 @@ def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=
         ((f["main"] + f["extra"]) / cfg.grad_accum).backward()
     finally:
         fm.state.capacity = None
+    rows = f["skipped_st"].detach().float().mean(dim=1)  # each row's count: how far the rows' budgets spread
     return {"loss": f["main"].item(), "agree": f["agree"].item(), "skipped": f["skipped_st"].mean().item(),
+            "row_std": rows.std(unbiased=False).item(),
             "layer_skip": f["layer_skip"].detach().cpu(), "logits": f["logits"], "hidden": f["hidden"]}
 
 
@@ -498,6 +502,9 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         rec = {"step": step + 1, "loss": sum(s["loss"] for s in stats) / len(stats),
                "top1_agreement": sum(s["agree"] for s in stats) / len(stats), "mean_skipped_layers": skipped,
                "target": target, "threshold": fm.state.threshold, **budget.log(),
+               # the spread of the rows' own counts around the batch's (rank 0's when distributed): the budget holds
+               # the mean, which one kind of text can spend while another skips little
+               "row_skip_std": sum(s["row_std"] for s in stats) / len(stats),
                "lr": run_lr(step, cfg, run.rollbacks),
                "tokens_per_s": tokens / (time.perf_counter() - t0),
                # per routed unit, the share of tokens that skipped it (rank 0's micro-batches when distributed): the
