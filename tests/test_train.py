@@ -1,6 +1,7 @@
 """Training on tiny models: the loss falls, only routers/adapters change, resume equals an unbroken run."""
 
 import copy
+import math
 import json
 
 import pytest
@@ -302,6 +303,29 @@ def test_threshold_calibration_hits_the_target():
     tau = calibrate_threshold(fm, rows, 1.0, iters=12)
     with fm.routing(threshold=tau):
         assert abs(heldout_metrics(fm, rows)["mean_skipped_layers"] - 1.0) < 0.1
+
+
+def test_threshold_calibration_interpolates_once_bracketed(monkeypatch):
+    """A smooth count (as a trained model's over many tokens): the search extrapolates by the secant until it
+    brackets the target, then interpolates, and lands within tolerance in a few probes where stepping and bisection
+    took twice as many (measured on SmolLM2's validation rows: docs/results.md)."""
+    from flexicli.train import calibration
+
+    fm, rows, _ = setup()
+    probes = []
+
+    def count(*a, **k):  # 28 units, skipped more as the threshold (in logit space) rises, smoothly
+        probes.append(28 * torch.sigmoid(torch.tensor(threshold_logit(fm.state.threshold) - 0.3)).item())
+        return probes[-1]
+
+    monkeypatch.setattr(calibration, "mean_skipped", count)
+    answer = 0.3 + math.log(4 / 24)  # the logit where the count is 4
+    # bisection took 8 probes from near, 11 from far; this search 3 and 5
+    for start, most in ((threshold_of(answer + 0.3), 4), (0.5, 6)):  # near (a trained threshold), far (the default)
+        probes[:] = []
+        tau = calibration.calibrate_threshold(fm, rows, 4.0, tol=0.02, start=start)
+        assert abs(probes[-1] - 4.0) <= 0.02 and len(probes) <= most, probes
+        assert threshold_logit(tau) == pytest.approx(answer, abs=0.01)
 
 
 def test_threshold_calibration_from_a_near_start_takes_few_probes(monkeypatch):
