@@ -33,12 +33,12 @@ def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16, 
     """The threshold at which held-out mean skipped layers == target within `tol` (more threshold = more skipping).
     Searched in logit space (trained thresholds can sit close to 0 or 1, where w itself runs out of resolution):
     from `start` (the trained threshold, usually near the answer) outward until the target is bracketed (by the
-    secant through the last two probes, 1.2x past the target, at most a step that doubles from 0.25), then by interpolation between the bracket's ends (the Illinois rule: regula falsi, with the end
-    that stays put weighed down by half each time it stays put again, so a curved count does not leave the search
-    creeping along one end). Each probe is one routed pass over `rows`, at most
-    `iters` of them; the search stops at the first probe within `tol`, or once the bracket is narrower than
-    `min_width` logits (where gates tie, as after a few training steps, no threshold gets within `tol`). The
-    unrouted layers before the first routed one run once, not per probe."""
+    secant through the last two probes, 1.2x past the target, at most a step that doubles from 0.25), then by
+    interpolation between the bracket's ends (the Illinois rule: regula falsi, with the end that stays put weighed
+    down by half each time it stays put again, so a curved count does not leave the search creeping along one end).
+    Each probe is one routed pass over `rows`, at most `iters` of them; the search stops at the first probe within
+    `tol`, or once the bracket is narrower than `min_width` logits (where gates tie, as after a few training steps,
+    no threshold gets within `tol`). The unrouted layers before the first routed one run once, not per probe."""
     from .teacher import first_routed_inputs
 
     prefix = first_routed_inputs(fm, rows)
