@@ -182,6 +182,57 @@ def test_row_spread_moves_skips_between_rows_and_leaves_the_mean(tmp_path):
     assert len(steps) == 2 and any(r["row_skip_std"] > 0 for r in steps)
 
 
+def test_data_mix_tells_each_rows_source(smollm2, monkeypatch):
+    """Data mix: every conversation row has source 0 and every documentation row source 1 (source_spread's labels)."""
+    from types import SimpleNamespace
+
+    import flexicli.data.text as text
+    from flexicli.train.loop import training_data
+
+    model, tok, _ = smollm2
+    monkeypatch.setattr(text, "teacher_answers", lambda fm, prompts, *a, **k: ["An answer."] * len(prompts))
+    monkeypatch.setattr(text, "package_docs", lambda *a, **k: ["Plain documentation prose. " * 40] * 60)
+    rows, _, source = training_data(SimpleNamespace(tokenizer=tok, model=model), cfg(data="mix", seq_len=64))
+    assert source.shape == (rows.shape[0],) and set(source.tolist()) == {0, 1}
+    marker = tok.convert_tokens_to_ids("<|im_start|>")  # the chat template's: in every conversation row, no doc row
+    in_row = (rows == marker).any(dim=1)
+    assert torch.equal(in_row, source == 0)
+
+
+def test_source_spread_evens_the_kinds_of_text_and_leaves_rows_within_a_kind(tmp_path):
+    """The term is the variance between the sources' mean counts: zero with one source or sources that skip alike
+    on average (however the rows within a source differ); its gradient moves the source that skips more toward
+    running, sums to zero (the budget keeps the mean), and gives rows of one source the same push. A run with it
+    trains; a run without rows' sources, a negative weight, or data other than mix is refused."""
+    from flexicli.core.errors import BadInput
+    from flexicli.train.objectives import source_spread
+
+    one = torch.tensor([0, 0, 0])
+    assert source_spread(torch.tensor([[3.0], [1.0], [2.0]]), one).item() == 0.0
+    alike = torch.tensor([[3.0], [1.0], [1.0], [3.0]])  # each source's rows differ, their means do not
+    assert source_spread(alike, torch.tensor([0, 0, 1, 1])).item() == 0.0
+    counts = torch.tensor([[3.0, 3.0], [4.0, 4.0], [1.0, 1.0], [0.0, 0.0]], requires_grad=True)
+    spread = source_spread(counts, torch.tensor([0, 0, 1, 1]))  # source 0 skips 3.5 a token, source 1 skips 0.5
+    assert spread.item() == pytest.approx(1.5 ** 2)
+    spread.backward()
+    assert (counts.grad[:2] > 0).all() and (counts.grad[2:] < 0).all()  # descent: source 0 skips less, 1 more
+    assert torch.equal(counts.grad[0], counts.grad[1]) and torch.equal(counts.grad[2], counts.grad[3])
+    assert counts.grad.sum().item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(BadInput, match="source_spread"):
+        cfg(source_spread=-1.0).check()
+    with pytest.raises(BadInput, match="data mix"):
+        cfg(source_spread=1.0, data="docs").check()
+    fm, rows, _ = setup(tmp_path)
+    with pytest.raises(BadInput, match="source"):
+        train(fm, cfg(steps=1, source_spread=1.0), rows=rows, heldout=None, progress=False, log=lambda m: None)
+    source = torch.arange(rows.shape[0]) % 2
+    summary = train(fm, cfg(steps=2, source_spread=1.0), rows=rows, heldout=None, progress=False, log=lambda m: None,
+                    source=source)
+    assert summary["steps"] == 2
+    steps = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert all("skipped_conversations" in r or "skipped_docs" in r for r in steps)  # each step's count per source
+
+
 @pytest.mark.parametrize("budget", ["penalty", "threshold", "capacity"])
 def test_resume_equals_unbroken_run(tmp_path, budget):
     fm_a, rows, heldout = setup(tmp_path / "a")
@@ -740,7 +791,8 @@ def test_validation_rows_are_their_own_prompts(smollm2, monkeypatch):
         return [f"Answer number {i}." for i in range(len(prompts))]
 
     monkeypatch.setattr(text, "teacher_answers", answers)
-    rows, validation = training_data(SimpleNamespace(tokenizer=tok, model=model), cfg(data="selfgen", seq_len=64))
+    rows, validation, source = training_data(SimpleNamespace(tokenizer=tok, model=model), cfg(data="selfgen", seq_len=64))
+    assert source is None  # sources are told apart for data mix only
     splits = {s: set(text.builtin_prompts(s)) for s in ("train", "validation", "heldout")}
     assert [len(splits[s]) for s in splits] == [336, 37, 42]
     assert not (splits["train"] & splits["validation"] or splits["validation"] & splits["heldout"]

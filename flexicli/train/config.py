@@ -69,6 +69,10 @@ class TrainConfig:
     # seed 0, docs/results.md): stdlib docstrings 7.85 skipped against 6.64, but task retention 0.619 against 0.934:
     # so off
     row_spread: float = 0.0
+    # objective kl, data mix: + source_spread * the variance between the micro-batch's two sources (conversations,
+    # documentation) of the rows' skipped counts (objectives.source_spread; mean-neutral). Why: row_spread above
+    # spreads the budget evenly over every row and costs the tasks; this evens only the kinds of text. 0: off
+    source_spread: float = 0.0
     ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
     # > 0: an evaluation whose validation KL is more than this multiple of the best so far sends training back to
     # the best weights, at half the learning rate (re-warmed over `warmup` steps, Adam's moments reset, the budget's
@@ -141,6 +145,11 @@ class TrainConfig:
             raise BadInput(f"row_spread must be at least 0, not {self.row_spread}", "0 turns the term off")
         if self.row_spread and self.objective != "kl":
             raise BadInput(f"row_spread applies to objective kl, not {self.objective!r}", "drop it or use kl")
+        if self.source_spread < 0:
+            raise BadInput(f"source_spread must be at least 0, not {self.source_spread}", "0 turns the term off")
+        if self.source_spread and (self.objective != "kl" or self.data != "mix"):
+            raise BadInput(f"source_spread applies to objective kl with data mix, not {self.objective!r} with "
+                           f"{self.data!r}", "drop it, or use objective kl and data mix")
         if self.answer_weight < 0:
             raise BadInput(f"answer_weight must be at least 0, not {self.answer_weight}", "0 weighs every token alike")
         if self.answer_weight and self.objective != "kl":

@@ -27,7 +27,7 @@ from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
 from .objectives import (answer_weights, distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss,
-                         logits_fn, row_spread, skip_cap_loss, unit_density)
+                         logits_fn, row_spread, skip_cap_loss, source_spread, unit_density)
 from .calibration import calibrate_threshold, mean_skipped
 from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
@@ -37,8 +37,9 @@ CACHE_LIMIT = 4 * 2**30  # teacher cache bytes; memory is only touched for rows 
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
-def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(training rows, validation rows or None). Validation rows are the built-in validation prompts with the
+def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(training rows, validation rows or None, each training row's source or None). The source, for data mix only:
+    0 for a conversation row, 1 for a documentation row (objectives.source_spread). Validation rows are the built-in validation prompts with the
     original model's answers, for data selfgen and mix (whose answers are generated anyway): disjoint from the
     training rows and from the held-out prompts that `flexi eval` and calibration use, so choosing the checkpoint
     on them does not bias the verdict."""
@@ -63,7 +64,9 @@ def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, to
         if cfg.data == "mix":  # packed apart (no row straddles the two), the conversations repeated until they
             chat = text.pack(fm.tokenizer, texts, cfg.seq_len)  # are about half the rows: the held-out text and
             docs = text.pack(fm.tokenizer, docs_texts, cfg.seq_len)  # the chat template stay
-            return torch.cat([chat.repeat(max(1, round(docs.shape[0] / chat.shape[0])), 1), docs]), validation
+            chat = chat.repeat(max(1, round(docs.shape[0] / chat.shape[0])), 1)
+            source = torch.cat([torch.zeros(chat.shape[0], dtype=torch.long), torch.ones(docs.shape[0], dtype=torch.long)])
+            return torch.cat([chat, docs]), validation, source
     elif cfg.data == "docs":
         texts = text.package_docs(cfg.docs_chars)
     elif cfg.data == "prompts":
@@ -74,7 +77,7 @@ def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, to
     vocab = fm.model.get_input_embeddings().num_embeddings
     if rows.max().item() >= vocab:  # token-id data (input_ids rows): an embedding lookup would fail mid-run
         raise BadInput(f"--data {cfg.data} has token id {rows.max().item()}, outside the model's vocabulary ({vocab})")
-    return rows, validation
+    return rows, validation, None
 
 
 def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
@@ -143,7 +146,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
+def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None, source=None) -> dict:
     """The student's forward of one micro-batch and its loss terms (no backward). Sets fm.state.capacity, which the
     caller clears in a `finally` after backward (also when this raises): gradient checkpointing recomputes each layer
     in backward and must take the same decisions."""
@@ -191,6 +194,8 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
             extra = extra + skip_cap_loss(density, cfg.max_skip_share)
         if cfg.row_spread > 0:
             extra = extra + cfg.row_spread * row_spread(skipped_st)
+        if cfg.source_spread > 0 and source is not None:
+            extra = extra + cfg.source_spread * source_spread(skipped_st, source)
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()
@@ -198,17 +203,21 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
             "logits": logits, "hidden": term.item() if hidden else None}
 
 
-def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None) -> dict:
+def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=None, source=None) -> dict:
     """One micro-batch: forward, loss, backward. `cached`: (hidden entering the first routed layer, teacher's final
-    hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed."""
+    hidden) from a TeacherCache; without it the teacher and the student's unrouted layers are recomputed. `source`:
+    the rows' data sources (source_spread)."""
     try:
-        f = _forward(fm, batch, cfg, head, target, budget, cached)
+        f = _forward(fm, batch, cfg, head, target, budget, cached, source)
         ((f["main"] + f["extra"]) / cfg.grad_accum).backward()
     finally:
         fm.state.capacity = None
     rows = f["skipped_st"].detach().float().mean(dim=1)  # each row's count: how far the rows' budgets spread
     return {"loss": f["main"].item(), "agree": f["agree"].item(), "skipped": f["skipped_st"].mean().item(),
             "row_std": rows.std(unbiased=False).item(),
+            # per data source present in the micro-batch (data mix), its rows' mean count
+            "by_source": {} if source is None else {int(k): rows[source.to(rows.device) == k].mean().item()
+                                                    for k in source.unique()},
             "layer_skip": f["layer_skip"].detach().cpu(), "logits": f["logits"], "hidden": f["hidden"]}
 
 
@@ -291,6 +300,7 @@ class _Run:
     warm: bool = False
     ema: list | None = None  # the weight average (cfg.ema > 0), one tensor per trainable parameter
     validation: torch.Tensor | None = None
+    source: torch.Tensor | None = None  # each training row's source (data mix: 0 conversation, 1 documentation)
     select: bool = False  # the checkpoint gets the evaluated weights with the lowest validation KL (cfg.select)
     best: dict | None = None  # {"step", "kl", "weights", "budget"}: the best evaluated so far
     rollbacks: list = field(default_factory=list)  # the evaluations (steps) that sent training back to the best
@@ -300,12 +310,12 @@ class _Run:
 
 def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False, rows: torch.Tensor | None = None,
           heldout: torch.Tensor | None = None, validation: torch.Tensor | None = None, stop_after: int | None = None,
-          progress=None, log=print) -> dict:
+          progress=None, log=print, source: torch.Tensor | None = None) -> dict:
     """Train `fm` in place; returns the summary (held-out metrics, the fits before step 0).
 
-    `rows`/`heldout`/`validation` ([n, seq_len] token ids) override the text data (tests, tiny models). `stop_after`
-    ends the run
-    after that many steps as if it were killed there (tests of --resume). `progress(stage, done, total, info)`, if
+    `rows`/`heldout`/`validation` ([n, seq_len] token ids) override the text data (tests, tiny models); `source` ([n],
+    with `rows`) gives each row's data source (0 conversation, 1 documentation) for source_spread. `stop_after` ends
+    the run after that many steps as if it were killed there (tests of --resume). `progress(stage, done, total, info)`, if
     given, hears each stage ("data", "routers", "adapters", "train"); `log(message)` gets one line per event."""
     cfg.check(fm.capacity)
     folder = Path(folder) if folder else fm.path
@@ -313,7 +323,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     if not dist.is_main:  # distributed: rank 0 reports
         log, progress = (lambda m: None), None
     run = _setup(fm, cfg, folder, resume, dist, log)
-    for phase, work in (("data", lambda: _data(fm, run, rows, heldout, validation, progress, log)),
+    for phase, work in (("data", lambda: _data(fm, run, rows, heldout, validation, progress, log, source)),
                         ("warm_starts", lambda: _before_step_0(fm, run, progress, log)),
                         ("steps", lambda: _steps(fm, run, folder, stop_after, progress))):
         t0 = time.perf_counter()
@@ -382,18 +392,22 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
                 warm=cfg.warm_start and dist.world_size == 1)  # distributed: no warm start yet (fresh routers)
 
 
-def _data(fm, run: _Run, rows, heldout, validation, progress, log) -> None:
+def _data(fm, run: _Run, rows, heldout, validation, progress, log, source=None) -> None:
     """Training, validation and held-out rows (the built-in data unless given), and the teacher cache over them."""
     cfg, dist = run.cfg, run.dist
+    run.source = source
     if rows is None:
         log("preparing data (the original model answers the built-in prompts once; cached afterwards)")
         answers = (lambda done, total: progress("data", done, total, "answers")) if progress else None
         with dist.main_first():  # distributed: rank 0 fills the data cache, the others then read it
-            rows, validation = training_data(fm, cfg, progress=answers)
+            rows, validation, run.source = training_data(fm, cfg, progress=answers)
             heldout = heldout_rows(fm, cfg.seq_len, progress=answers)
     log(f"data: {rows.shape[0]} training rows x {cfg.seq_len} tokens, {0 if heldout is None else heldout.shape[0]} "
         "held-out rows" + (" (no tokenizer: no held-out evaluation or calibration)" if fm.tokenizer is None else ""))
     run.rows, run.heldout, run.validation = rows, heldout, validation
+    if cfg.source_spread > 0 and run.source is None:
+        raise BadInput("source_spread > 0 needs each row's source: the built-in data mix has them, rows given "
+                       "without `source` do not", "set source_spread: 0")
     if cfg.objective == "kl" and cfg.answer_weight > 0:  # refused here, not found out as weights of 1 at every step
         from ..data.tokens import answer_header
 
@@ -484,7 +498,8 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
         for m in range(cfg.grad_accum):  # distributed: this rank's share of the global micro-batch
             idx = dist.shard(batch_indices(rows.shape[0], cfg.seed, step * cfg.grad_accum + m, cfg.batch_size))
             stats.append(train_step(fm, rows[idx], cfg, run.head, target, budget,
-                                    cached=run.cache.lookup(idx, run.device) if run.cache else None))
+                                    cached=run.cache.lookup(idx, run.device) if run.cache else None,
+                                    source=run.source[idx] if run.source is not None else None))
         dist.average_gradients(run.params)  # distributed: gradients and metrics over the global batch
         stats = dist.global_stats(stats)
         torch.nn.utils.clip_grad_norm_(run.params, 1.0)
@@ -510,6 +525,11 @@ def _steps(fm, run: _Run, folder: Path | None, stop_after: int | None, progress)
                # per routed unit, the share of tokens that skipped it (rank 0's micro-batches when distributed): the
                # count alone hides whether skips spread over units or settle into static removal of a few layers
                "unit_skip_rate": dict(zip(fm.unit_labels, [round(x, 3) for x in unit_rates]))}
+        by_source = [s["by_source"] for s in stats]
+        for k, name in ((0, "conversations"), (1, "docs")):  # data mix: the count per kind of text (source_spread)
+            got = [b[k] for b in by_source if k in b]
+            if got:
+                rec[f"skipped_{name}"] = sum(got) / len(got)
         if stats[0]["hidden"] is not None:  # the per-layer hidden-state term, unweighted (rank 0's when distributed)
             rec["hidden_loss"] = sum(s["hidden"] for s in stats) / len(stats)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
