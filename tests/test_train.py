@@ -791,7 +791,8 @@ def test_validation_rows_are_their_own_prompts(smollm2, monkeypatch):
         return [f"Answer number {i}." for i in range(len(prompts))]
 
     monkeypatch.setattr(text, "teacher_answers", answers)
-    rows, validation, source = training_data(SimpleNamespace(tokenizer=tok, model=model), cfg(data="selfgen", seq_len=64))
+    rows, validation, source = training_data(SimpleNamespace(tokenizer=tok, model=model),
+                                             cfg(data="selfgen", seq_len=64))
     assert source is None  # sources are told apart for data mix only
     splits = {s: set(text.builtin_prompts(s)) for s in ("train", "validation", "heldout")}
     assert [len(splits[s]) for s in splits] == [336, 37, 42]

@@ -27,7 +27,8 @@ from ..core.flexi_model import decoder_of
 from ..core.routed_layer import threshold_logit
 from .budget import BUDGETS
 from .objectives import (answer_weights, distill_loss, gate_logits, gate_margin, gate_stats, hidden_loss, lm_loss,
-                         logits_fn, row_spread, skip_cap_loss, source_spread, unit_density)
+                         logits_fn, row_spread, skip_cap_loss, source_means, source_spread,
+                         unit_density)
 from .calibration import calibrate_threshold, mean_skipped
 from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
@@ -39,10 +40,10 @@ CACHE_LIMIT = 4 * 2**30  # teacher cache bytes; memory is only touched for rows 
 # ---- data ---------------------------------------------------------------------------------------------------
 def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(training rows, validation rows or None, each training row's source or None). The source, for data mix only:
-    0 for a conversation row, 1 for a documentation row (objectives.source_spread). Validation rows are the built-in validation prompts with the
-    original model's answers, for data selfgen and mix (whose answers are generated anyway): disjoint from the
-    training rows and from the held-out prompts that `flexi eval` and calibration use, so choosing the checkpoint
-    on them does not bias the verdict."""
+    0 for a conversation row, 1 for a documentation row (objectives.source_spread). Validation rows are the built-in
+    validation prompts with the original model's answers, for data selfgen and mix (whose answers are generated
+    anyway): disjoint from the training rows and from the held-out prompts that `flexi eval` and calibration use, so
+    choosing the checkpoint on them does not bias the verdict."""
     from ..data import text
 
     validation = None
@@ -65,7 +66,8 @@ def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, to
             chat = text.pack(fm.tokenizer, texts, cfg.seq_len)  # are about half the rows: the held-out text and
             docs = text.pack(fm.tokenizer, docs_texts, cfg.seq_len)  # the chat template stay
             chat = chat.repeat(max(1, round(docs.shape[0] / chat.shape[0])), 1)
-            source = torch.cat([torch.zeros(chat.shape[0], dtype=torch.long), torch.ones(docs.shape[0], dtype=torch.long)])
+            source = torch.cat([torch.zeros(chat.shape[0], dtype=torch.long),
+                                torch.ones(docs.shape[0], dtype=torch.long)])
             return torch.cat([chat, docs]), validation, source
     elif cfg.data == "docs":
         texts = text.package_docs(cfg.docs_chars)
@@ -216,8 +218,7 @@ def train_step(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=
     return {"loss": f["main"].item(), "agree": f["agree"].item(), "skipped": f["skipped_st"].mean().item(),
             "row_std": rows.std(unbiased=False).item(),
             # per data source present in the micro-batch (data mix), its rows' mean count
-            "by_source": {} if source is None else {int(k): rows[source.to(rows.device) == k].mean().item()
-                                                    for k in source.unique()},
+            "by_source": {} if source is None else {k: m.item() for k, m in source_means(rows, source).items()},
             "layer_skip": f["layer_skip"].detach().cpu(), "logits": f["logits"], "hidden": f["hidden"]}
 
 
@@ -315,8 +316,9 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
 
     `rows`/`heldout`/`validation` ([n, seq_len] token ids) override the text data (tests, tiny models); `source` ([n],
     with `rows`) gives each row's data source (0 conversation, 1 documentation) for source_spread. `stop_after` ends
-    the run after that many steps as if it were killed there (tests of --resume). `progress(stage, done, total, info)`, if
-    given, hears each stage ("data", "routers", "adapters", "train"); `log(message)` gets one line per event."""
+    the run after that many steps as if it were killed there (tests of --resume). `progress(stage, done, total,
+    info)`, if given, hears each stage ("data", "routers", "adapters", "train"); `log(message)` gets one line per
+    event."""
     cfg.check(fm.capacity)
     folder = Path(folder) if folder else fm.path
     dist = distributed.current()  # flexicli/train/distributed.py; a no-op for one process

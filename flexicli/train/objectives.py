@@ -190,10 +190,16 @@ def source_spread(skipped_st: torch.Tensor, source: torch.Tensor) -> torch.Tenso
     rows = skipped_st.float().mean(dim=1)
     source = source.to(rows.device)
     group = torch.zeros_like(rows)
-    for kind in source.unique():
-        here = source == kind
-        group = torch.where(here, rows[here].mean(), group)
+    for kind, mean in source_means(rows, source).items():
+        group = torch.where(source == kind, mean, group)
     return (group - rows.mean()).pow(2).mean()
+
+
+def source_means(rows: torch.Tensor, source: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{source: the mean of `rows` ([B], e.g. each row's skipped count) over that source's rows}, for the sources
+    present in `source` ([B])."""
+    source = source.to(rows.device)
+    return {int(kind): rows[source == kind].mean() for kind in source.unique()}
 
 
 def unit_density(gates) -> torch.Tensor:
