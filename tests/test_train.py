@@ -233,6 +233,32 @@ def test_source_spread_evens_the_kinds_of_text_and_leaves_rows_within_a_kind(tmp
     assert all("skipped_conversations" in r or "skipped_docs" in r for r in steps)  # each step's count per source
 
 
+def test_source_spread_is_on_by_default_where_the_rows_carry_their_source(tmp_path):
+    """Default (None): SOURCE_SPREAD under distillation with the rows' sources known (the built-in data mix, or rows
+    given with theirs), off otherwise; a value set by hand is kept. Trained from the same start, the default run ends
+    where the run with source_spread set to SOURCE_SPREAD by hand does, and elsewhere than the run with it off."""
+    from dataclasses import replace
+
+    from flexicli.train.config import SOURCE_SPREAD
+
+    default = cfg()
+    assert default.source_spread is None
+    assert default.resolved(has_source=True).source_spread == SOURCE_SPREAD
+    assert default.resolved(has_source=False).source_spread == 0.0
+    assert replace(default, objective="lm").resolved(has_source=True).source_spread == 0.0
+    assert cfg(source_spread=0.0).resolved(has_source=True).source_spread == 0.0
+    _, rows, _ = setup()
+    source = torch.arange(rows.shape[0]) % 2
+    ends = {}
+    settings = {"default": {}, "by_hand": {"source_spread": SOURCE_SPREAD}, "off": {"source_spread": 0.0}}
+    for name, setting in settings.items():
+        fm, _, _ = setup(tmp_path / name)
+        train(fm, cfg(steps=3, **setting), rows=rows, heldout=None, progress=False, log=lambda m: None, source=source)
+        ends[name] = torch.cat([p.detach().flatten() for p in fm.trainable_parameters()])
+    assert torch.equal(ends["default"], ends["by_hand"])
+    assert not torch.equal(ends["default"], ends["off"])
+
+
 @pytest.mark.parametrize("budget", ["penalty", "threshold", "capacity"])
 def test_resume_equals_unbroken_run(tmp_path, budget):
     fm_a, rows, heldout = setup(tmp_path / "a")

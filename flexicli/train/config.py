@@ -3,11 +3,13 @@ that ship inside the package (flexicli/train/recipes/*.yaml)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..core.errors import BadInput
 from .budget import BUDGETS
+
+SOURCE_SPREAD = 0.1  # source_spread's default where it applies (TrainConfig.resolved)
 
 
 @dataclass
@@ -70,9 +72,14 @@ class TrainConfig:
     # so off
     row_spread: float = 0.0
     # objective kl, data mix: + source_spread * the variance between the micro-batch's two sources (conversations,
-    # documentation) of the rows' skipped counts (objectives.source_spread; mean-neutral). Why: row_spread above
-    # spreads the budget evenly over every row and costs the tasks; this evens only the kinds of text. 0: off
-    source_spread: float = 0.0
+    # documentation) of the rows' skipped counts (objectives.source_spread; mean-neutral). Why: without it, at N = 8
+    # the routers spent the budget on conversations and stdlib docstrings skipped 6.64 (the issue: +/-1 on text of
+    # another kind); row_spread above evens every row and cost the tasks. Measured at 0.1, 160 steps (docs/results.md):
+    # N = 8 docstrings 7.82, flexi eval KL / top-1 / retention 0.291 / 0.761 / 0.759 (0.934 without, 180 steps);
+    # N = 4, two seeds: 0.142 / 0.848 / 1.102 and 0.116 / 0.850 / 0.983, both passed, as without (0.140 / 0.841 /
+    # 1.063, 0.115 / 0.861 / 0.993). None: 0.1 where the rows carry their source (objective kl with the built-in
+    # data mix, or train(source=...)), else 0 (off)
+    source_spread: float | None = None
     ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
     # > 0: an evaluation whose validation KL is more than this multiple of the best so far sends training back to
     # the best weights, at half the learning rate (re-warmed over `warmup` steps, Adam's moments reset, the budget's
@@ -145,7 +152,7 @@ class TrainConfig:
             raise BadInput(f"row_spread must be at least 0, not {self.row_spread}", "0 turns the term off")
         if self.row_spread and self.objective != "kl":
             raise BadInput(f"row_spread applies to objective kl, not {self.objective!r}", "drop it or use kl")
-        if self.source_spread < 0:
+        if self.source_spread is not None and self.source_spread < 0:
             raise BadInput(f"source_spread must be at least 0, not {self.source_spread}", "0 turns the term off")
         if self.source_spread and (self.objective != "kl" or self.data != "mix"):
             raise BadInput(f"source_spread applies to objective kl with data mix, not {self.objective!r} with "
@@ -167,6 +174,14 @@ class TrainConfig:
                            "it is a multiple of the best validation KL so far")
         if self.adapter_init not in ("fit", "none"):
             raise BadInput(f"adapter_init must be 'fit' or 'none', not {self.adapter_init!r}")
+
+    def resolved(self, has_source: bool) -> "TrainConfig":
+        """This config with source_spread's default filled in: on (SOURCE_SPREAD) where the training rows carry their
+        source (`has_source`: the built-in data mix, or rows given with theirs) under distillation, else off. A value
+        set by hand is kept (and check() refuses it where it cannot apply)."""
+        if self.source_spread is not None:
+            return self
+        return replace(self, source_spread=SOURCE_SPREAD if has_source and self.objective == "kl" else 0.0)
 
     @property
     def margin(self) -> float:

@@ -196,8 +196,9 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
             extra = extra + skip_cap_loss(density, cfg.max_skip_share)
         if cfg.row_spread > 0:
             extra = extra + cfg.row_spread * row_spread(skipped_st)
-        if cfg.source_spread > 0 and source is not None:
-            extra = extra + cfg.source_spread * source_spread(skipped_st, source)
+        spread = cfg.resolved(has_source=source is not None).source_spread  # train_step called with the default
+        if spread > 0 and source is not None:  # without sources (the penalty's balance) no term
+            extra = extra + spread * source_spread(skipped_st, source)
     else:
         main, agree = lm_loss(student_h, batch, head), torch.tensor(float("nan"))
         extra = cfg.alpha * gate_sum.pow(2).mean()
@@ -319,6 +320,7 @@ def train(fm, cfg: TrainConfig, folder: Path | None = None, resume: bool = False
     the run after that many steps as if it were killed there (tests of --resume). `progress(stage, done, total,
     info)`, if given, hears each stage ("data", "routers", "adapters", "train"); `log(message)` gets one line per
     event."""
+    cfg = cfg.resolved(has_source=source is not None if rows is not None else cfg.data == "mix")
     cfg.check(fm.capacity)
     folder = Path(folder) if folder else fm.path
     dist = distributed.current()  # flexicli/train/distributed.py; a no-op for one process
@@ -355,7 +357,8 @@ def _setup(fm, cfg: TrainConfig, folder: Path | None, resume: bool, dist, log) -
         if (folder / TRAIN_STATE).is_file():
             start, saved_cfg, budget_state, weights, selected, rollbacks = load_training(folder, opt)
             # "ema": 0 and "select": False for runs saved before the weight average and the selection existed
-            cfg = TrainConfig.from_dict({"ema": 0.0, "select": False, **saved_cfg,
+            # and "source_spread": 0 for those saved before the term existed
+            cfg = TrainConfig.from_dict({"ema": 0.0, "select": False, "source_spread": 0.0, **saved_cfg,
                                          "steps": max(cfg.steps, saved_cfg["steps"])})
             log(f"resuming at step {start} of {cfg.steps}")
         elif (fm.config.training or {}).get("steps_done"):  # trained, but its training state is gone
