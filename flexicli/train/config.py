@@ -9,7 +9,7 @@ from pathlib import Path
 from ..core.errors import BadInput
 from .budget import BUDGETS
 
-SOURCE_SPREAD = 0.1  # source_spread's default where it applies (TrainConfig.resolved)
+SOURCE_SPREAD = 0.03  # source_spread's default where it applies (TrainConfig.resolved)
 
 
 @dataclass
@@ -74,11 +74,12 @@ class TrainConfig:
     # objective kl, data mix: + source_spread * the variance between the micro-batch's two sources (conversations,
     # documentation) of the rows' skipped counts (objectives.source_spread; mean-neutral). Why: without it, at N = 8
     # the routers spent the budget on conversations and stdlib docstrings skipped 6.64 (the issue: +/-1 on text of
-    # another kind); row_spread above evens every row and cost the tasks. Measured at 0.1, 160 steps (docs/results.md):
-    # N = 8 docstrings 7.82, flexi eval KL / top-1 / retention 0.291 / 0.761 / 0.759 (0.934 without, 180 steps);
-    # N = 4, two seeds: 0.142 / 0.848 / 1.102 and 0.116 / 0.850 / 0.983, both passed, as without (0.140 / 0.841 /
-    # 1.063, 0.115 / 0.861 / 0.993). None: 0.1 where the rows carry their source (objective kl with the built-in
-    # data mix, or train(source=...)), else 0 (off)
+    # another kind); row_spread above evens every row and cost the tasks. Measured at 160 steps, two seeds each
+    # (docs/results.md): 0.03 (the default since 2026-12-05): N = 8 docstrings 7.30 / 7.38, flexi eval KL / top-1 /
+    # retention 0.289 / 0.752 / 0.857 and 0.290 / 0.759 / 0.797; N = 4 both passed (0.138 / 0.839 / 1.045, 0.114 /
+    # 0.863 / 1.018), docstrings 3.37 / 3.51. 0.1 (the default before): N = 8 docstrings 7.82 / 7.86 but retention
+    # 0.759 / 0.746 (0.934 without, 180 steps). None: SOURCE_SPREAD where the rows carry their source (objective kl
+    # with the built-in data mix, or train(source=...)), else 0 (off)
     source_spread: float | None = None
     ramp: float | None = None  # share of the steps over which the skip target ramps up from 0; None: 0 when the routers are warm-started (they skip about the target from step 0), else 0.3
     # > 0: an evaluation whose validation KL is more than this multiple of the best so far sends training back to
