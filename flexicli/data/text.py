@@ -181,6 +181,68 @@ def task_prompts(n: int, seed: int = 0, docs: list[str] | None = None) -> list[s
     return out
 
 
+# Short factual questions for fact_prompts: templates over entities that the task suite's factual items
+# (flexicli/data/tasks.py, _FACTS) never ask about, so no suite item is trained on (a test checks it).
+_FACT_COUNTRIES = (
+    "Peru", "Brazil", "Argentina", "Chile", "Mexico", "Portugal", "Norway", "Sweden", "Finland", "Poland", "Austria",
+    "Hungary", "Ireland", "Turkey", "India", "Kenya", "Nigeria", "Australia", "Thailand", "Vietnam", "Cuba",
+    "Belgium", "the Netherlands", "Denmark", "Switzerland", "South Korea", "Indonesia", "Iran", "Colombia",
+    "Morocco", "Ethiopia", "Ukraine", "Romania", "Pakistan", "the Philippines", "New Zealand", "Iceland",
+    "Saudi Arabia", "Israel", "Venezuela", "Ghana", "Bolivia", "Ecuador", "Bulgaria", "Scotland", "Wales")
+_FACT_ANIMALS = ("cat", "horse", "cow", "bird", "ant", "octopus", "chicken", "duck", "snake", "sheep", "elephant",
+                 "frog", "beetle", "crab", "kangaroo", "goat")
+_FACT_YOUNG = ("sheep", "horse", "goat", "duck", "kangaroo", "deer", "bear", "frog", "owl", "goose", "pig",
+               "lion", "swan", "hen")
+_FACT_THINGS = ("a lemon", "coal", "a ripe tomato", "milk", "a carrot", "chocolate", "a strawberry", "an orange",
+                "the Moon", "a cherry", "a fire truck", "a polar bear", "a crow", "gold")
+_FACT_QUESTIONS = (
+    "How many hours are in a day?", "How many minutes are in an hour?", "How many seconds are in a minute?",
+    "How many days are in a year?", "How many weeks are in a year?", "How many sides does a hexagon have?",
+    "How many sides does a pentagon have?", "How many sides does an octagon have?", "How many players are on a "
+    "football team?", "How many strings does a guitar usually have?", "How many planets are in the solar system?",
+    "How many hearts does an octopus have?", "How many teeth does an adult human have?",
+    "Which planet is closest to the Sun?", "Which planet is famous for its rings?", "What is the hottest planet?",
+    "What is the smallest planet in our solar system?", "What is the largest desert in the world?",
+    "What is the longest river in Africa?", "What is the highest mountain in the world?",
+    "What is the chemical symbol for gold?", "What is the chemical symbol for iron?",
+    "What is the chemical symbol for oxygen?", "What is the chemical symbol for sodium?",
+    "What gas do plants take in from the air?", "What do caterpillars turn into?", "What do cows eat?",
+    "Who wrote Romeo and Juliet?", "Who painted the Mona Lisa?", "Who discovered gravity?",
+    "Who was the first person to walk on the Moon?", "What is the freezing point of water in Celsius?",
+    "What is the boiling point of water in Fahrenheit?", "What is the opposite of east?",
+    "What is the opposite of up?", "What is the biggest bird?", "What is the fastest land animal?",
+    "What do spiders spin?", "What is the main language of Brazil?", "What is the currency of Japan?",
+    "What is the currency of the United States?", "Which ocean lies between Europe and America?",
+    "What is the capital of the United States?", "What shape has three sides?", "What is H2O?",
+    "Which organ do we use to think?", "Which organ do we use to breathe?", "What is a baby dog's mother called?",
+    "What season comes after winter?", "What season comes after summer?", "What month comes after June?",
+    "What day comes after Friday?", "What is ten times ten?", "What is half of one hundred?")
+
+
+def fact_prompts(n: int, seed: int = 0) -> list[str]:
+    """n short factual questions (capitals, languages, continents of countries; animals' legs and young; colours;
+    counts, science and general knowledge), each asking for a few words as the task suite's factual items do, none
+    of them a suite item. The original model answers them (selfgen), so distillation sees the answers that rest on
+    recall: on Gemma-3-270M the layer that KL on conversations and documentation ranks cheapest to skip (layer 8)
+    is the one its factual answers need (docs/results.md)."""
+    import random
+
+    if n <= 0:
+        return []
+    asked = [f"What is the capital of {c}?" for c in _FACT_COUNTRIES]
+    asked += [f"What language is spoken in {c}?" for c in _FACT_COUNTRIES]
+    asked += [f"On which continent is {c}?" for c in _FACT_COUNTRIES]
+    asked += [f"How many legs does a {a} have?" for a in _FACT_ANIMALS]
+    asked += [f"What is a baby {a} called?" for a in _FACT_YOUNG]
+    asked += [f"What colour is {t}?" for t in _FACT_THINGS]
+    asked += list(_FACT_QUESTIONS)
+    random.Random(seed).shuffle(asked)
+    if n > len(asked):
+        raise BadInput(f"fact_prompts {n} is more than the {len(asked)} built-in factual questions",
+                       f"set fact_prompts to at most {len(asked)}")
+    return [q + " Answer in a few words." for q in asked[:n]]
+
+
 def _is_prose(text: str) -> bool:
     """Words, not code or markup: mostly letters, no REPL prompts, backticks, braces or argument lists."""
     if any(mark in text for mark in (">>>", "`", "{", "}", "::", "=", "_", "(", "[", "http")):

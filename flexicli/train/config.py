@@ -101,6 +101,12 @@ class TrainConfig:
     # SmolLM2, N = 4, seed 0: worse on every figure (flexi eval KL 0.251 / top-1 0.763 / retention 0.639 against
     # 0.242 / 0.787 / 0.691) and 19 min more data preparation on 1 thread, so it stays off
     task_prompts: int = 0
+    # data selfgen/mix: this many short factual questions (text.fact_prompts: capitals, languages, animals, counts,
+    # none a task-suite item) with the original model's answers (FACT_TOKENS each) beside the template prompts. 0:
+    # none. Why: on Gemma-3-270M at N = 4 the routers skip layer 8 for every token, the cheapest by KL on
+    # conversations and documentation, and its factual answers go with it (task retention 0.597; layer 8 alone
+    # 0.578, docs/results.md)
+    fact_prompts: int = 0
     docs_chars: int = 1_500_000  # data docs/mix: characters of package documentation (~4 per token)
     # > 0: the checkpoint holds an exponential moving average of the trained weights (loop.ema_decay); 0: the last
     # step's weights. Measured on SmolLM2, N = 4, two seeds (docs/results.md): flexi eval KL 0.297 against 0.391 on
@@ -166,6 +172,10 @@ class TrainConfig:
             raise BadInput(f"task_prompts must be at least 0, not {self.task_prompts}")
         if self.task_prompts and self.data not in ("selfgen", "mix"):
             raise BadInput(f"task_prompts are answered by the original model: data selfgen or mix, not {self.data!r}")
+        if self.fact_prompts < 0:
+            raise BadInput(f"fact_prompts must be at least 0, not {self.fact_prompts}")
+        if self.fact_prompts and self.data not in ("selfgen", "mix"):
+            raise BadInput(f"fact_prompts are answered by the original model: data selfgen or mix, not {self.data!r}")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise BadInput(f"adam_beta2 must be in (0, 1), not {self.adam_beta2}")
         if not 0.0 <= self.ema < 1.0:

@@ -34,6 +34,7 @@ from .config import TrainConfig
 from .resume import METRICS, TRAIN_STATE, load_training, save_training, trim_metrics
 from .teacher import cache_bytes
 
+FACT_TOKENS = 24  # the original's answer to a fact prompt: a few words, then whatever it adds
 CACHE_LIMIT = 4 * 2**30  # teacher cache bytes; memory is only touched for rows a run reaches (TeacherCache lazy)
 
 
@@ -55,6 +56,9 @@ def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, to
         docs_texts = text.package_docs(cfg.docs_chars) if cfg.data == "mix" or cfg.task_prompts else []
         asked += text.task_prompts(cfg.task_prompts, docs=docs_texts)
         answers = text.teacher_answers(fm, asked, cfg.selfgen_tokens, progress=progress)
+        if cfg.fact_prompts:  # answered apart, short: the recall is in an answer's first tokens
+            facts = text.fact_prompts(cfg.fact_prompts)
+            asked, answers = asked + facts, answers + text.teacher_answers(fm, facts, FACT_TOKENS, progress=progress)
         texts = text.conversations(fm, [p for i, p in enumerate(asked) if i not in held],
                                    [a for i, a in enumerate(answers) if i not in held])
         try:
