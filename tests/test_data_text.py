@@ -66,3 +66,30 @@ def test_task_prompts_need_data_the_original_answers():
         TrainConfig(skip_target=1, data="docs", task_prompts=10).check()
     with pytest.raises(BadInput, match="at least 0"):
         TrainConfig(skip_target=1, task_prompts=-1).check()
+
+
+def test_fact_prompts_ask_for_recall_without_the_suites_items():
+    from flexicli.core.errors import BadInput
+    from flexicli.data.tasks import load_tasks
+    from flexicli.data.text import fact_prompts
+
+    prompts = fact_prompts(200)
+    assert len(prompts) == len(set(prompts)) == 200 and prompts == fact_prompts(200) != fact_prompts(200, seed=1)
+    assert all(p.endswith("? Answer in a few words.") for p in prompts), "the suite's answer format"
+    suite = {t.prompt for t in load_tasks()}
+    assert not set(fact_prompts(236)) & suite, "no suite item is trained on"
+    assert {"What is the capital of France? Answer in a few words.", "What colour is snow? Answer in a few words."} \
+        <= suite, "the check above compares the same rendering"
+    assert fact_prompts(0) == []
+    with pytest.raises(BadInput, match="more than the 236"):
+        fact_prompts(237)
+
+
+def test_fact_prompts_need_data_the_original_answers():
+    from flexicli.core.errors import BadInput
+    from flexicli.train.config import TrainConfig
+
+    with pytest.raises(BadInput, match="fact_prompts"):
+        TrainConfig(skip_target=1, data="docs", fact_prompts=10).check()
+    with pytest.raises(BadInput, match="at least 0"):
+        TrainConfig(skip_target=1, fact_prompts=-1).check()

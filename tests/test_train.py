@@ -831,6 +831,30 @@ def test_validation_rows_are_their_own_prompts(smollm2, monkeypatch):
     assert sum(p in trained_on for p in splits["train"]) >= 330
 
 
+def test_fact_prompts_are_answered_short_and_trained_on(smollm2, monkeypatch):
+    """fact_prompts: the questions are answered in a call of their own, FACT_TOKENS long (the template prompts'
+    answers keep their cache key), and their conversations are training rows, never validation rows."""
+    from types import SimpleNamespace
+
+    import flexicli.data.text as text
+    from flexicli.train.loop import FACT_TOKENS, training_data
+
+    model, tok, _ = smollm2
+    asked = []
+
+    def answers(fm, prompts, max_new_tokens=96, progress=None):
+        asked.append((list(prompts), max_new_tokens))
+        return [f"Answer number {i}." for i in range(len(prompts))]
+
+    monkeypatch.setattr(text, "teacher_answers", answers)
+    rows, validation, _ = training_data(SimpleNamespace(tokenizer=tok, model=model),
+                                        cfg(data="selfgen", seq_len=64, fact_prompts=20))
+    facts = text.fact_prompts(20)
+    assert asked == [(text.builtin_prompts("train", "validation"), 96), (facts, FACT_TOKENS)]
+    trained_on, validated_on = tok.decode(rows.flatten()), tok.decode(validation.flatten())
+    assert sum(q in trained_on for q in facts) >= 19 and not [q for q in facts if q in validated_on]
+
+
 def test_hidden_state_term_is_zero_at_full_routing_and_moves_the_adapters(tmp_path):
     """The per-layer term compares the right tensors (zero when the routed model runs every layer), its gradient
     reaches the adapters of skipped tokens, and a cache without the layers' outputs is refused, not read as zero."""
