@@ -93,3 +93,5 @@ def test_fact_prompts_need_data_the_original_answers():
         TrainConfig(skip_target=1, data="docs", fact_prompts=10).check()
     with pytest.raises(BadInput, match="at least 0"):
         TrainConfig(skip_target=1, fact_prompts=-1).check()
+    with pytest.raises(BadInput, match="more than the 236"):
+        TrainConfig(skip_target=1, fact_prompts=237).check()

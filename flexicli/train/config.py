@@ -176,6 +176,10 @@ class TrainConfig:
             raise BadInput(f"fact_prompts must be at least 0, not {self.fact_prompts}")
         if self.fact_prompts and self.data not in ("selfgen", "mix"):
             raise BadInput(f"fact_prompts are answered by the original model: data selfgen or mix, not {self.data!r}")
+        if self.fact_prompts:
+            from ..data.text import fact_prompts
+
+            fact_prompts(self.fact_prompts)  # more than the built-in questions: refused before the model loads
         if not 0.0 < self.adam_beta2 < 1.0:
             raise BadInput(f"adam_beta2 must be in (0, 1), not {self.adam_beta2}")
         if not 0.0 <= self.ema < 1.0:
