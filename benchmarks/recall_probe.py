@@ -4,29 +4,35 @@
     python benchmarks/recall_probe.py CKPT ANSWERS.jsonl OUT.json [LAYERS]
 
 ANSWERS.jsonl: {"prompt", "answer"} rows, e.g. the selfgen cache file a `fact_prompts: 236` run writes under
-$FLEXI_CACHE/selfgen (the original's answers). LAYERS: comma-separated, in the order to measure (default: all
-routed units). Each layer prints as it is measured; OUT.json is written at the end.
+$FLEXI_CACHE/selfgen (the original's answers). LAYERS: routed layers to measure, in ascending order, as `flexi convert
+--layers` writes them ('8,9,16', '10-17'; default: every routed layer). Each layer prints as it is measured; OUT.json
+is written at the end. The held-out rows are the ones `flexi train` evaluates on (train.loop.heldout_rows).
 """
 import json, sys, time
-from flexicli.core.flexi_model import FlexiModel
+from flexicli.core.flexi_model import FlexiModel, parse_layers
 from flexicli.data import text
 from flexicli.evaluation.evaluate import compare_answers, compare_teacher_forced
+from flexicli.train.loop import heldout_rows
 
 ckpt, answers_file = sys.argv[1], sys.argv[2]
 fm = FlexiModel.load(ckpt)
 tok = fm.tokenizer
 rows = [json.loads(l) for l in open(answers_file)]
 pairs = []
-for r in rows:
+for r in rows:  # rendered as text.teacher_answers rendered them, so each answer follows the text it was made from
     p = tok(text.chat_text(tok, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True),
             add_special_tokens=False)["input_ids"]
     a = tok(r["answer"], add_special_tokens=False)["input_ids"][:8]
     pairs.append((p, a))
-held = [list(map(int, r[r != 0])) for r in text.pack(tok, text.heldout_texts(fm), 256)]
+held = heldout_rows(fm, 256).tolist()
+routed = fm.config.routed_layers
+layers = parse_layers(sys.argv[4], fm.config.num_layers) if len(sys.argv) > 4 else routed
+if set(layers) - set(routed):  # fixed routing skips only routed layers: another would measure nothing skipped
+    sys.exit(f"layers {sorted(set(layers) - set(routed))} are not routed (routed: {routed})")
 out = {}
-for layer in (sys.argv[4].split(',') if len(sys.argv) > 4 else fm.unit_labels):
+for layer in layers:
     t0 = time.time()
-    routing = {"mode": "fixed", "skip_layers": [int(layer)]}
+    routing = {"mode": "fixed", "skip_layers": [layer]}
     a = compare_answers(fm, pairs, routing, 16)
     h = compare_teacher_forced(fm, held, routing, 8)
     out[layer] = {"fact_kl": round(a["task_answer_kl"], 3), "fact_top1": round(a["task_answer_top1"], 3),
