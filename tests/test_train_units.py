@@ -203,3 +203,64 @@ def test_skip_cap_outside_its_range_is_refused(bad):
         cfg(max_skip_share=bad).check()
     with pytest.raises(BadInput, match="max_skip_share applies to objective kl"):
         cfg(max_skip_share=0.5, objective="lm").check()
+
+
+def test_fixed_routing_skips_one_unit_by_its_key():
+    """skip_layers takes unit keys: (0, 'attn') skips layer 0's attention alone; a layer index skips all its units."""
+    fm, rows, _ = setup("module")
+    for skip, skipped in [([(0, "attn")], {(0, "attn")}), ([(1, "mlp")], {(1, "mlp")}),
+                          ([0], {(0, "attn"), (0, "mlp")})]:
+        with torch.no_grad(), fm.routing("fixed", skip_layers=skip), fm.record() as rec:
+            fm.model(input_ids=rows[:2])
+        runs = {}
+        for key, run in rec.raw:
+            runs[key] = runs.get(key, True) and bool(run.all())
+        assert {k for k, ran in runs.items() if not ran} == skipped and len(runs) == 4, skip
+
+
+def test_skip_cost_is_the_kl_of_the_model_without_that_layer():
+    """unit_skip_cost's column for a layer (fresh adapter: a skip adds nothing) is, per position, the KL between the
+    original and the same model with that layer made a pass-through by hand; batching does not change it."""
+    import copy
+
+    from flexicli.evaluation.evaluate import token_kl
+    from flexicli.train.router_init import unit_skip_cost
+
+    base = peaky_tiny()
+    reference = copy.deepcopy(base)
+    fm = FlexiModel.wrap(base, routed_layers=[0, 1], base_model="tiny")
+    rows = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    cost = unit_skip_cost(fm, rows)
+    assert cost.shape == (48, 2) and torch.equal(cost, unit_skip_cost(fm, rows, batch_size=1))
+    with torch.no_grad():
+        original = reference(input_ids=rows).logits
+        for i, layer in enumerate(reference.model.layers):
+            handle = layer.register_forward_hook(lambda m, args, kwargs, out: args[0] if args else
+                                                 kwargs["hidden_states"], with_kwargs=True)
+            without = reference(input_ids=rows).logits
+            handle.remove()
+            assert torch.allclose(cost[:, i], token_kl(original, without).flatten(), atol=1e-5), i
+    assert (cost > 1e-3).float().mean() > 0.5  # the sharpened head: skipping a layer costs something
+
+
+def test_cost_warm_start_fits_after_the_adapters_and_sets_the_budget():
+    """router_init cost: the adapters are fitted first (the cost is measured with them in place), then the routers,
+    whose targets ask for the budget in layer-equivalents; a layer that changes nothing is skipped first."""
+    base = peaky_tiny()
+    with torch.no_grad():  # layer 1 adds nothing to the residual stream: skipping it is free
+        base.model.layers[1].self_attn.o_proj.weight.zero_()
+        base.model.layers[1].mlp.down_proj.weight.zero_()
+    fm = FlexiModel.wrap(base, routed_layers=[0, 1], base_model="tiny")
+    g = torch.Generator().manual_seed(0)
+    rows, heldout = torch.randint(3, 128, (16, 32), generator=g), torch.randint(3, 128, (4, 32), generator=g)
+    logs = []
+    c = TrainConfig(skip_target=0.5, steps=2, batch_size=4, seq_len=32, eval_every=100, save_every=100,
+                    router_init="cost")
+    summary = train(fm, c, rows=rows, heldout=heldout, progress=False, log=logs.append)
+    order = [m.split()[0] for m in logs if m.startswith(("adapters", "routers"))]
+    assert order[0] == "adapters" and order[-1] == "routers" and order.count("routers") == 1, logs
+    assert "the cost of skipping" in next(m for m in logs if m.startswith("routers"))
+    asked = summary["router_fit"]["target_skip_rate"]
+    assert asked["1"] == pytest.approx(0.5, abs=0.02) and asked["0"] < 0.02
+    with pytest.raises(BadInput, match="'influence', 'cost' or 'none'"):
+        TrainConfig(skip_target=1.0, router_init="costs").check()

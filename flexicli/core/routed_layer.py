@@ -188,7 +188,8 @@ class RoutingState:
 
     mode: "routed" (router decides, w > threshold), "full" (the original layers, untouched: the teacher),
     "run" (every token runs, through the wrapper's own path), "skip" (every token skips every routed layer),
-    "fixed" (layers in `skip_layers` skip every token, the others run every token).
+    "fixed" (units in `skip_layers` skip every token, the others run every token: a layer index skips all of its
+    units, a unit key such as (17, "mlp") that unit alone).
     """
 
     mode: str = "routed"
@@ -235,11 +236,11 @@ class FlexiLayer(ModuleRouting, nn.Module):
     def _part(self, name: str | None):
         return getattr(self.base_layer, name) if name else None
 
-    def _decisions(self, w: torch.Tensor) -> torch.Tensor:
-        mode = self.state.mode
+    def _decisions(self, w: torch.Tensor, key) -> torch.Tensor:
+        mode, skip = self.state.mode, self.state.skip_layers
         if mode == "routed":
             return w > self.state.threshold
-        if mode == "run" or (mode == "fixed" and self.layer_index not in self.state.skip_layers):
+        if mode == "run" or (mode == "fixed" and self.layer_index not in skip and key not in skip):
             return torch.ones_like(w, dtype=torch.bool)
         return torch.zeros_like(w, dtype=torch.bool)
 
@@ -300,7 +301,7 @@ class FlexiLayer(ModuleRouting, nn.Module):
         if state.capacity is not None and state.mode == "routed" and key in state.capacity:
             run, centre = capacity_decisions(w, state.capacity[key])
         else:
-            run = self._decisions(w)
+            run = self._decisions(w, key)
         if state.records is not None:
             state.records.append((key, run.detach()))
         if state.gates is not None:

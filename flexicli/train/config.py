@@ -51,7 +51,10 @@ class TrainConfig:
     answer_weight: float = 0.0
     budget: str = "penalty"  # penalty: PI-controlled Lagrange term | capacity: per-unit shares (budget.BudgetCapacity) | threshold: quantile
     #                          | density: per-unit target density (budget.BudgetDensity)
-    router_init: str = "influence"  # influence: fit the routers to token-level unit influence first (router_init.py) | none: fresh routers
+    # influence: fit the routers to token-level unit influence first (router_init.py) | cost: to the measured KL cost
+    # of skipping each unit per token (adapters fitted first; a forward pass per routed unit over 1,024 tokens)
+    # | none: fresh routers
+    router_init: str = "influence"
     adapter_init: str = "fit"  # fit: fitted to the update it replaces before step 0 (adapter_init.py) | none: fresh adapters (add nothing)
     # penalty budget with warm-started routers: zero: lambda starts at 0 | balance: where the losses balance
     # (loop.penalty_balance). Why balance: from zero the count dips then overshoots (the PI rule's cycle) and the
@@ -144,8 +147,8 @@ class TrainConfig:
             raise BadInput(f"objective must be 'kl' or 'lm', not {self.objective!r}")
         if self.budget not in BUDGETS:
             raise BadInput(f"budget must be one of {sorted(BUDGETS)}, not {self.budget!r}")
-        if self.router_init not in ("influence", "none"):
-            raise BadInput(f"router_init must be 'influence' or 'none', not {self.router_init!r}")
+        if self.router_init not in ("influence", "cost", "none"):
+            raise BadInput(f"router_init must be 'influence', 'cost' or 'none', not {self.router_init!r}")
         if self.penalty_start not in ("balance", "zero"):
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
         if not 0 < self.max_skip_share <= 1:
@@ -214,7 +217,7 @@ class TrainConfig:
     @property
     def warm_start(self) -> bool:
         """Routers are fitted before training (distillation only: FlexiDepth's objective starts from scratch)."""
-        return self.router_init == "influence" and self.objective == "kl"
+        return self.router_init in ("influence", "cost") and self.objective == "kl"
 
 
 def recipes_dir() -> Path:

@@ -457,14 +457,20 @@ def _before_step_0(fm, run: _Run, progress, log) -> None:
         fm.config.training = {k: v for k, v in fm.config.training.items()
                               if k not in ("router_fit", "adapter_fit", "penalty_start")}
     reports = {}
-    if run.warm:
+
+    def routers():
         from .router_init import warm_start_routers
 
         reports["router_fit"] = warm_start_routers(fm, rows, cfg.skip_target, progress=stage("routers"),
-                                                    max_share=cfg.max_skip_share)
+                                                    max_share=cfg.max_skip_share, measure=cfg.router_init)
         fits = reports["router_fit"]["spearman_heldout"].values()
-        log(f"routers warm-started: rank correlation with {unit_word} influence {min(fits):.2f}..{max(fits):.2f} "
+        measure = f"{unit_word} influence" if cfg.router_init == "influence" else "the cost of skipping"
+        log(f"routers warm-started: rank correlation with {measure} {min(fits):.2f}..{max(fits):.2f} "
             "(tokens not fitted on)")
+
+    # the skip cost is measured with the fitted adapters in place; influence does not depend on them
+    if run.warm and cfg.router_init == "influence":
+        routers()
     if cfg.adapter_init == "fit":
         from .adapter_init import fit_adapters
 
@@ -479,6 +485,8 @@ def _before_step_0(fm, run: _Run, progress, log) -> None:
         if fit["not_fitted"]:
             log(f"adapters left fresh (a fit no better than adding nothing, or an output norm that is not RMS): "
                 f"layers {fit['not_fitted']}")
+    if run.warm and cfg.router_init == "cost":
+        routers()
     budget = run.budget
     if run.warm and cfg.objective == "kl" and budget.kind == "penalty" and cfg.penalty_start == "balance":
         idx = [batch_indices(rows.shape[0], cfg.seed, m, cfg.batch_size) for m in range(4)]  # the first 4 micro-batches

@@ -14,6 +14,15 @@ changes the stream least per layer-equivalent saved (every cost is 1 for `layer`
 is a logit that puts at the threshold the pooled quantile below which units worth `skip_target` layer-equivalents
 per token lie: at step 0 the routed model already skips about that much, the cheapest units by this measure.
 Distillation then corrects the ranking; the budget keeps the count.
+
+`router_init: cost` ranks by what skipping costs the output instead (the skip-cost labels of Dr.LLM, 2025):
+
+    cost(token, unit) = KL(original || the model with that unit alone skipped, its fitted adapter in place)
+
+of the next-token distribution at the token's position, one extra forward pass per routed unit (so it runs after
+the adapter fit). Why: influence measures how much a unit moves the residual stream, not what the move is worth to
+the output, and on Gemma-3-270M the routers warm-started by it skipped layers 8 and 9 for every token while the
+factual answers that need them were lost (docs/results.md).
 """
 
 from __future__ import annotations
@@ -42,6 +51,31 @@ def unit_influence(fm, rows: torch.Tensor, batch_size: int = 8) -> tuple[list[to
     got = around_routed_layers(fm, rows, grab, batch_size)
     per_unit = [(got_layer[j], got_layer[j + 1]) for got_layer in got for j in range(0, len(got_layer), 2)]
     return [z for z, _ in per_unit], torch.stack([s for _, s in per_unit], dim=-1)
+
+
+def unit_skip_cost(fm, rows: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """[tokens, routed units] (FlexiModel.unit_keys order): per position, KL(original || the routed model with that
+    unit alone skipped for every token) of the next-token distribution, in nats. `rows`: [n, T] token ids."""
+    from ..evaluation.evaluate import token_kl
+
+    device = next(fm.model.parameters()).device
+    keys = fm.unit_keys
+    if batch_size is None:  # a [rows, T, vocab] float32 logits tensor of ~512 MB (Gemma's 262k vocabulary: 2 rows)
+        vocab = fm.model.get_output_embeddings().weight.shape[0]
+        batch_size = max(1, 2 ** 27 // (rows.shape[1] * vocab))
+    cost = torch.empty(rows.numel(), len(keys))
+    done = 0
+    with torch.no_grad():
+        for i in range(0, rows.shape[0], batch_size):
+            ids = rows[i:i + batch_size].to(device)
+            with fm.routing("full"):
+                original = fm.model(input_ids=ids, use_cache=False).logits
+            for j, key in enumerate(keys):
+                with fm.routing("fixed", skip_layers=[key]):
+                    cost[done:done + ids.numel(), j] = token_kl(original, fm.model(input_ids=ids,
+                                                                                   use_cache=False).logits).flatten()
+            done += ids.numel()
+    return cost
 
 
 def target_logits(influence: torch.Tensor, skip_target: float, costs=None, spread: float = 1.0,
@@ -95,12 +129,18 @@ def fit_router(router: nn.Module, z: torch.Tensor, target: torch.Tensor, steps: 
 
 
 def warm_start_routers(fm, rows: torch.Tensor, skip_target: float, max_tokens: int = 4096, progress=None,
-                       max_share: float = 1.0) -> dict:
-    """Fit every routed unit's router as described above on about `max_tokens` tokens of training rows. Returns
-    per unit (keys as FlexiModel.unit_labels: '17', '17.attn') held-out fit quality (Spearman) and the skip rates the
-    targets ask for. max_share: target_logits'."""
-    zs, influence = unit_influence(fm, rows[:max(1, max_tokens // rows.shape[1])])
-    targets = target_logits(influence, skip_target, fm.unit_costs, max_share=max_share)
+                       max_share: float = 1.0, measure: str = "influence", cost_tokens: int = 1024) -> dict:
+    """Fit every routed unit's router as described above on about `max_tokens` tokens of training rows (measure
+    `influence`), or on `cost_tokens` of them ranked by unit_skip_cost (measure `cost`: a forward pass per unit over
+    them). Returns per unit (keys as FlexiModel.unit_labels: '17', '17.attn') held-out fit quality (Spearman) and
+    the skip rates the targets ask for. max_share: target_logits'."""
+    if measure not in ("influence", "cost"):
+        raise ValueError(f"measure must be 'influence' or 'cost', not {measure!r}")
+    rows = rows[:max(1, (max_tokens if measure == "influence" else cost_tokens) // rows.shape[1])]
+    zs, score = unit_influence(fm, rows)
+    if measure == "cost":
+        score = unit_skip_cost(fm, rows)
+    targets = target_logits(score, skip_target, fm.unit_costs, max_share=max_share)
     routers = [layer.routers[unit] for layer in fm.layers for unit in layer.units]
     fits = {}
     for i, (label, router) in enumerate(zip(fm.unit_labels, routers, strict=True)):
