@@ -264,3 +264,14 @@ def test_cost_warm_start_fits_after_the_adapters_and_sets_the_budget():
     assert asked["1"] == pytest.approx(0.5, abs=0.02) and asked["0"] < 0.02
     with pytest.raises(BadInput, match="'influence', 'cost' or 'none'"):
         TrainConfig(skip_target=1.0, router_init="costs").check()
+
+
+@pytest.mark.parametrize("unit", ["module", "mlp"])
+def test_cost_warm_start_per_sublayer(unit):
+    """router_init cost on module / mlp checkpoints: one cost column per routed unit, the budget in layer-equivalents."""
+    fm, rows, heldout = setup(unit)
+    c = TrainConfig(skip_target=0.5, steps=2, batch_size=4, seq_len=32, eval_every=100, save_every=100,
+                    router_init="cost")
+    summary = train(fm, c, rows=rows, heldout=heldout, progress=False, log=lambda m: None)
+    asked = summary["router_fit"]["target_skip_rate"]
+    assert list(asked) == fm.unit_labels and fm.layer_equivalents(asked.values()) == pytest.approx(0.5, abs=0.05)
