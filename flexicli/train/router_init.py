@@ -15,7 +15,8 @@ is a logit that puts at the threshold the pooled quantile below which units wort
 per token lie: at step 0 the routed model already skips about that much, the cheapest units by this measure.
 Distillation then corrects the ranking; the budget keeps the count.
 
-`router_init: cost` ranks by what skipping costs the output instead (router labels measured on the model itself, as Dr.LLM, 2025, trains its routers):
+`router_init: cost` ranks by what skipping costs the output instead (labels measured on the model itself, as Dr.LLM,
+2025, trains its routers on):
 
     cost(token, unit) = KL(original || the model with that unit alone skipped, its fitted adapter in place)
 
