@@ -55,7 +55,8 @@ class TrainConfig:
     # of skipping each unit per token (adapters fitted first; a forward pass per routed unit over 1,024 tokens)
     # | none: fresh routers. cost, measured at 500e1b6 (docs/results.md): Gemma N = 2 keeps 17 of 22 factual answers
     # (influence: 9) at the same task retention; SmolLM2 N = 4 validation KL 0.071 against 0.100, but 3.35 layers
-    # skipped on flexi eval's held-out text and 2.97 on docstrings (target 4): the budget does not hold, so influence
+    # skipped on flexi eval's held-out text and 2.97 on docstrings (target 4): the budget does not hold, so the
+    # default stays influence
     router_init: str = "influence"
     adapter_init: str = "fit"  # fit: fitted to the update it replaces before step 0 (adapter_init.py) | none: fresh adapters (add nothing)
     # penalty budget with warm-started routers: zero: lambda starts at 0 | balance: where the losses balance
