@@ -4,8 +4,9 @@
 
 CATEGORY: one of the suite's categories (default factual_qa), its first N items (default 48, all); decoded as
 `flexi eval` decodes them (greedy, the category's answer length; 8 prompts a batch, where `flexi eval` decodes a
-category's 48 together), with the checkpoint's routing and threshold. Prints one JSON line per item ({"prompt", "answer", "original", "routed", "score_original",
-"score_routed"}) as it goes and the totals at the end; OUT.json gets the list.
+category's 48 together), with the checkpoint's routing and threshold. Prints one JSON line per item ({"prompt",
+"answer", "original", "routed", "score_original", "score_routed"}) as it goes and the totals at the end; OUT.json gets
+the list.
 """
 import json, sys
 from flexicli.core.flexi_model import FlexiModel
