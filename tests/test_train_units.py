@@ -268,7 +268,7 @@ def test_cost_warm_start_fits_after_the_adapters_and_sets_the_budget():
 
 @pytest.mark.parametrize("unit", ["module", "mlp"])
 def test_cost_warm_start_per_sublayer(unit):
-    """router_init cost on module / mlp checkpoints: one cost column per routed unit, the budget in layer-equivalents."""
+    """router_init cost on module / mlp checkpoints: a cost column per routed unit, the budget in layer-equivalents."""
     fm, rows, heldout = setup(unit)
     c = TrainConfig(skip_target=0.5, steps=2, batch_size=4, seq_len=32, eval_every=100, save_every=100,
                     router_init="cost")
