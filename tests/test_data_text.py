@@ -31,7 +31,7 @@ def test_chat_text_without_template_keeps_the_tokenizers_bos(adds_bos):
     ids = tok(text, add_special_tokens=False)["input_ids"]  # how teacher_answers and pack tokenise it
     assert ids == ([2] if adds_bos else []) + [4, 5, 6, 7]
     packed = pack(tok, [chat_text(tok, [{"role": "user", "content": "Tell me"}])], seq_len=2)
-    assert packed.tolist() == ([[2, 4], [5, 1]] if adds_bos else [[4, 5]])
+    assert packed.tolist() == ([[2, 4], [5, 1]] if adds_bos else [[4, 5], [1, 4]])
 
 
 DOCS = ["Returns the number of elements held in this container right now. Larger containers take longer to scan, "
@@ -95,3 +95,16 @@ def test_fact_prompts_need_data_the_original_answers():
         TrainConfig(skip_target=1, fact_prompts=-1).check()
     with pytest.raises(BadInput, match="more than the 236"):
         TrainConfig(skip_target=1, fact_prompts=237).check()
+
+
+def test_pack_begins_rows_at_text_starts_and_loses_no_token():
+    from flexicli.core.errors import BadInput
+
+    items = [[1] * 5, [2] * 7, [3] * 3, [4] * 14, [5] * 6]  # token ids: no tokenizer needed
+    rows = pack(None, items, seq_len=10).tolist()
+    # [4]*14 fills a row of its own, its last 4 go on like a text; the others go where they first fit
+    assert rows == [[1] * 5 + [3] * 3 + [2] * 2, [2] * 7 + [4] * 3, [4] * 10, [4] * 4 + [5] * 6]
+    for item in items:  # every token of every item is there
+        assert sum(r.count(item[0]) for r in rows) >= len(item)
+    with pytest.raises(BadInput, match="not enough text"):
+        pack(None, [[1] * 4], seq_len=10)

@@ -554,7 +554,7 @@ def test_token_id_data_for_a_model_without_tokenizer(tmp_path):
     path.write_text("".join(json.dumps({"input_ids": list(range(i, i + 10))}) + "\n" for i in range(3, 9)))
     assert pack(None, read_data(str(path), None), 16).tolist()[0] == list(range(3, 13)) + list(range(4, 10))
     fm, _, _ = setup()
-    assert training_rows(fm, cfg(data=str(path), seq_len=16)).shape == (3, 16)
+    assert training_rows(fm, cfg(data=str(path), seq_len=16)).shape == (6, 16)  # each row begins an item
     path.write_text(json.dumps({"input_ids": [5, 500]}) + "\n")  # the tiny vocabulary is 128
     with pytest.raises(BadInput, match="outside the model's vocabulary"):
         training_rows(fm, cfg(data=str(path), seq_len=2))
