@@ -27,6 +27,7 @@ def main():
 
     from flexicli.train.adapter_init import fit_adapters
     from flexicli.core.base_model import load_base
+    from flexicli.data.text import unpadded
     from flexicli.evaluation.evaluate import compare_teacher_forced
     from flexicli.core.flexi_model import FlexiModel, parse_layers
     from flexicli.train.router_init import unit_influence
@@ -47,7 +48,7 @@ def main():
            "skip_layers": sorted(skip), "train_rows": rows.shape[0], "heldout_rows": held.shape[0]}
 
     def measure(name):
-        r = compare_teacher_forced(fm, held.tolist(), routing, 4)
+        r = compare_teacher_forced(fm, unpadded(held), routing, 4)
         out[name] = {k: round(r[k], 4) for k in ("kl", "top1_agreement")}
         print(name, out[name], flush=True)
 

@@ -12,6 +12,7 @@ import json, sys, time
 from flexicli.core.flexi_model import FlexiModel, parse_layers
 from flexicli.data import text
 from flexicli.evaluation.evaluate import compare_answers, compare_teacher_forced
+from flexicli.data.text import unpadded
 from flexicli.train.loop import heldout_rows
 
 ckpt, answers_file = sys.argv[1], sys.argv[2]
@@ -24,7 +25,7 @@ for r in rows:  # rendered as text.teacher_answers rendered them, so each answer
             add_special_tokens=False)["input_ids"]
     a = tok(r["answer"], add_special_tokens=False)["input_ids"][:8]
     pairs.append((p, a))
-held = heldout_rows(fm, 256).tolist()
+held = unpadded(heldout_rows(fm, 256))  # one conversation each, as flexi eval reads them
 routed = fm.config.routed_layers
 layers = parse_layers(sys.argv[4], fm.config.num_layers) if len(sys.argv) > 4 else routed
 if set(layers) - set(routed):  # fixed routing skips only routed layers: another would measure nothing skipped

@@ -825,9 +825,11 @@ def test_validation_rows_are_their_own_prompts(smollm2, monkeypatch):
     assert not (splits["train"] & splits["validation"] or splits["validation"] & splits["heldout"]
                 or splits["train"] & splits["heldout"])
     assert asked == [text.builtin_prompts("train", "validation")]
-    trained_on, validated_on = tok.decode(rows.flatten()), tok.decode(validation.flatten())
+    trained_on = tok.decode(rows.flatten())
+    validated_on = [tok.decode(r) for r in text.unpadded(validation)]  # one conversation per row, cut at seq_len
     assert not [p for p in splits["validation"] if p in trained_on]
-    assert sum(p in validated_on for p in splits["validation"]) >= 36  # the packed tail may cut the last one
+    assert len(validated_on) == 37
+    assert sum(p in v for p, v in zip(text.builtin_prompts("validation"), validated_on)) >= 35
     assert sum(p in trained_on for p in splits["train"]) >= 330
 
 
@@ -851,7 +853,7 @@ def test_fact_prompts_are_answered_short_and_trained_on(smollm2, monkeypatch):
                                         cfg(data="selfgen", seq_len=64, fact_prompts=20))
     facts = text.fact_prompts(20)
     assert asked == [(text.builtin_prompts("train", "validation"), 96), (facts, FACT_TOKENS)]
-    trained_on, validated_on = tok.decode(rows.flatten()), tok.decode(validation.flatten())
+    trained_on, validated_on = tok.decode(rows.flatten()), " ".join(map(tok.decode, text.unpadded(validation)))
     assert sum(q in trained_on for q in facts) >= 19 and not [q for q in facts if q in validated_on]
 
 
@@ -945,3 +947,34 @@ def test_answer_weight_moves_the_gradient_and_is_refused_without_answers(monkeyp
     chat = plain.clone()
     chat[:, 10:12] = torch.tensor([1, 2])  # a header, then an answer up to the end of the row
     assert any(not torch.allclose(a, b) for a, b in zip(grads(chat, 0.0), grads(chat, 4.0)))
+
+
+def test_padded_heldout_rows_count_and_score_only_their_tokens():
+    """Held-out rows of one text each (text.one_per_row) end in PAD: the skipped count, the calibrated threshold and
+    the metrics are those of the texts alone, as flexi eval reads them."""
+    from flexicli.data.text import PAD, unpadded
+    from flexicli.train.calibration import calibrate_threshold, mean_skipped
+    from flexicli.train.loop import heldout_metrics
+
+    fm, _, heldout = setup()
+    fm.set_threshold(0.5)
+    with torch.no_grad():
+        for layer in fm.layers:  # gates that differ by token, so the count depends on which tokens are counted
+            for router in layer.routers.values():
+                for p in router.parameters():
+                    p.normal_(0, 0.3)
+    lengths = [32, 9, 20, 2]
+    padded = heldout.clone()
+    for row, n in enumerate(lengths):
+        padded[row, n:] = PAD
+    assert unpadded(padded) == [heldout[row, :n].tolist() for row, n in enumerate(lengths)]
+    alone = [mean_skipped(fm, heldout[row:row + 1, :n]) for row, n in enumerate(lengths)]
+    expected = sum(a * n for a, n in zip(alone, lengths)) / sum(lengths)
+    assert mean_skipped(fm, padded) == pytest.approx(expected, abs=1e-6)
+    assert mean_skipped(fm, padded) != pytest.approx(mean_skipped(fm, heldout), abs=1e-3)  # the PAD would count
+    metrics = heldout_metrics(fm, padded)
+    assert metrics["scored_tokens"] == sum(n - 1 for n in lengths)
+    assert metrics["mean_skipped_layers"] == pytest.approx(expected, abs=1e-6)
+    threshold = calibrate_threshold(fm, padded, 0.8)
+    with fm.routing(threshold=threshold):
+        assert mean_skipped(fm, padded) == pytest.approx(0.8, abs=0.05)

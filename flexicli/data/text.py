@@ -311,6 +311,30 @@ def _hub_dataset(dataset_id: str, tokenizer, limit: int = 20000) -> list[str]:
     return texts
 
 
+PAD = -1  # fills the rows of one_per_row after a text's end; never a token id (calibration and metrics skip it)
+
+
+def one_per_row(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """One text per row, cut at seq_len, right-padded with PAD: the held-out and validation texts as `flexi eval`
+    reads them (each from position 0, alone; tokenised as its prompt_ids(chat=False)), so that the threshold
+    calibrated on them and the figures `flexi train` reports are the ones the verdict sees."""
+    from .tokens import prompt_ids
+
+    seqs = [s[:seq_len] for s in (prompt_ids(tokenizer, t, chat=False) for t in texts)]
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise BadInput("no text of at least 2 tokens to evaluate on")
+    rows = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        rows[i, :len(s)] = torch.tensor(s)
+    return rows
+
+
+def unpadded(rows: torch.Tensor) -> list[list[int]]:
+    """Rows as token lists without their PAD."""
+    return [[t for t in row if t != PAD] for row in rows.tolist()]
+
+
 def pack(tokenizer, texts: list[str | list[int]], seq_len: int) -> torch.Tensor:
     """Tokenised texts (each ended by EOS) as [n, seq_len] rows in which every text begins a row or follows a
     whole text: a text longer than a row fills rows of its own and its last part goes on like a text; the parts

@@ -14,18 +14,21 @@ from ..core.routed_layer import threshold_logit, threshold_of
 @torch.no_grad()
 def mean_skipped(fm, rows: torch.Tensor, batch_size: int = 8, prefix: torch.Tensor | None = None) -> float:
     """Mean routed layers skipped per token, in layer-equivalents (routed pass only: what threshold calibration
-    needs). `prefix`: the hidden states entering the first routed layer (TeacherCache.prefix), so the layers before
-    it are not rerun."""
+    needs), text.PAD positions left out (right padding: the tokens before them are computed as without it).
+    `prefix`: the hidden states entering the first routed layer (TeacherCache.prefix), so the layers before it are
+    not rerun."""
+    from ..data.text import PAD
     from .teacher import start_at_first_routed
 
     decoder, device = decoder_of(fm.model), next(fm.model.parameters()).device
     skipped = 0.0
     for i in range(0, rows.shape[0], batch_size):
+        batch = rows[i:i + batch_size]
         start = start_at_first_routed(fm, prefix[i:i + batch_size].to(device)) if prefix is not None else nullcontext()
         with fm.routing("routed"), fm.record() as rec, start:
-            decoder(input_ids=rows[i:i + batch_size].to(device))
-        skipped += rec.skipped_layers().sum().item()
-    return skipped / rows.numel()
+            decoder(input_ids=batch.clamp(min=0).to(device))
+        skipped += rec.skipped_layers()[(batch != PAD).to(device)].sum().item()
+    return skipped / int((rows != PAD).sum())
 
 
 def calibrate_threshold(fm, rows: torch.Tensor, target: float, iters: int = 16, tol: float = 0.02,

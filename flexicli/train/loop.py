@@ -61,10 +61,11 @@ def training_data(fm, cfg: TrainConfig, progress=None) -> tuple[torch.Tensor, to
             asked, answers = asked + facts, answers + text.teacher_answers(fm, facts, FACT_TOKENS, progress=progress)
         texts = text.conversations(fm, [p for i, p in enumerate(asked) if i not in held],
                                    [a for i, a in enumerate(answers) if i not in held])
-        try:
-            validation = text.pack(fm.tokenizer, text.conversations(fm, [asked[i] for i in sorted(held)],
-                                                                    [answers[i] for i in sorted(held)]), cfg.seq_len)
-        except BadInput:  # rows longer than all validation text together: train() says there are none
+        try:  # read as the held-out text is: one conversation per row (text.one_per_row)
+            validation = text.one_per_row(fm.tokenizer, text.conversations(fm, [asked[i] for i in sorted(held)],
+                                                                            [answers[i] for i in sorted(held)]),
+                                          cfg.seq_len)
+        except BadInput:  # no validation text: train() says there are none
             validation = None
         if cfg.data == "mix":  # packed apart (no row straddles the two), the conversations repeated until they
             chat = text.pack(fm.tokenizer, texts, cfg.seq_len)  # are about half the rows: the held-out text and
@@ -91,13 +92,14 @@ def training_rows(fm, cfg: TrainConfig, progress=None) -> torch.Tensor:
 
 
 def heldout_rows(fm, seq_len: int, progress=None) -> torch.Tensor | None:
-    """The held-out prompts with the original model's answers; None for a model without a tokenizer (trained from
-    token ids): no held-out text can be made for it, so the run has no held-out evaluation or calibration."""
+    """The held-out prompts with the original model's answers, one conversation per row as `flexi eval` reads them
+    (text.one_per_row: right-padded with text.PAD); None for a model without a tokenizer (trained from token ids): no
+    held-out text can be made for it, so the run has no held-out evaluation or calibration."""
     from ..data import text
 
     if fm.tokenizer is None:
         return None
-    return text.pack(fm.tokenizer, text.heldout_texts(fm, progress=progress), seq_len)
+    return text.one_per_row(fm.tokenizer, text.heldout_texts(fm, progress=progress), seq_len)
 
 
 def batch_indices(n: int, seed: int, index: int, batch_size: int) -> torch.Tensor:
@@ -272,10 +274,12 @@ def penalty_balance(fm, batches: list, cfg: TrainConfig, head, target: float, bu
 
 # ---- held-out evaluation (flexicli/evaluation/evaluate.py's metrics: one implementation for train and eval) ----
 def heldout_metrics(fm, rows: torch.Tensor, batch_size: int = 4) -> dict:
-    """KL(original || routed), top-1 agreement, mean skipped layers and per-layer skip rate on held-out rows."""
+    """KL(original || routed), top-1 agreement, mean skipped layers and per-layer skip rate on held-out rows (their
+    text.PAD left out)."""
+    from ..data.text import unpadded
     from ..evaluation.evaluate import compare_teacher_forced
 
-    return compare_teacher_forced(fm, rows.tolist(), {"mode": "routed"}, batch_size)
+    return compare_teacher_forced(fm, unpadded(rows), {"mode": "routed"}, batch_size)
 
 
 def greedy_agreement(fm, prompts: list[str], new_tokens: int = 32) -> dict:

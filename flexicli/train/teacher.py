@@ -143,7 +143,7 @@ def first_routed_inputs(fm, rows: torch.Tensor) -> torch.Tensor:
         with fm.routing("full"):
             for i in range(rows.shape[0]):
                 try:
-                    decoder(input_ids=rows[i:i + 1].to(ref.device))
+                    decoder(input_ids=rows[i:i + 1].clamp(min=0).to(ref.device))  # text.PAD: any id
                 except _Reached as reached:
                     out[i] = reached.args[0][0].cpu()
                 else:
