@@ -338,10 +338,11 @@ def unpadded(rows: torch.Tensor) -> list[list[int]]:
 def pack(tokenizer, texts: list[str | list[int]], seq_len: int) -> torch.Tensor:
     """Tokenised texts (each ended by EOS) as [n, seq_len] rows in which every text begins a row or follows a
     whole text: a text longer than a row fills rows of its own and its last part goes on like a text; the parts
-    shorter than a row go, in order, into the first row with room for them (first fit), and the few tokens a row
-    still lacks are the first tokens of the next row's first text (seen twice). Fewer than seq_len tokens in all:
-    BadInput. Items that are already token ids (lists, from `input_ids` rows) go in as they are; only they need no
-    tokenizer.
+    shorter than a row go, in order, into the first row with room for them (first fit), and the tokens a row still
+    lacks are the first tokens of the next row's first text (seen twice: on SmolLM2, 36% of the conversation rows'
+    tokens, as a conversation of ~127 tokens seldom leaves room for another; 3% of the documentation rows'). Fewer
+    than seq_len tokens in all: BadInput. Items that are already token ids (lists, from `input_ids` rows) go in as
+    they are; only they need no tokenizer.
 
     Why: a model reads a prompt from position 0, where a decoder parks its attention (the "sink"). Packed end to
     end, rows began mid-text, and routers trained on such rows skipped otherwise on whole conversations: SmolLM2,
