@@ -97,7 +97,7 @@ class TrainConfig:
     # steps between evaluations: each costs 45-75 s on 2 threads (a threshold search, then the metrics), and a
     # divergence is caught within this many steps. 30 until 180 steps ran over the hour (6 evaluations: ~450 s)
     eval_every: int = 40
-    eval_rows: int = 16  # validation rows (held-out rows without them) per mid-run evaluation
+    eval_rows: int = 16  # validation conversations (held-out ones without them), one a row, per mid-run evaluation
     save_every: int = 60
     gradient_checkpointing: bool = True  # measured: peak RSS 1.12x the frozen model's, against 1.60x without (README)
     calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
