@@ -315,13 +315,12 @@ PAD = -1  # fills the rows of one_per_row after a text's end; never a token id (
 
 
 def one_per_row(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
-    """One text per row, cut at seq_len, right-padded with PAD: the held-out and validation texts as `flexi eval`
-    reads them (each from position 0, alone; tokenised as its prompt_ids(chat=False)), so that the threshold
-    calibrated on them and the figures `flexi train` reports are the ones the verdict sees."""
-    from .tokens import prompt_ids
+    """One text per row, right-padded with PAD: the held-out and validation texts as `flexi eval` reads them
+    (tokens.scored_sequences: each from position 0, alone, cut at seq_len), so that the threshold calibrated on them
+    and the figures `flexi train` reports are the ones the verdict sees."""
+    from .tokens import scored_sequences
 
-    seqs = [s[:seq_len] for s in (prompt_ids(tokenizer, t, chat=False) for t in texts)]
-    seqs = [s for s in seqs if len(s) >= 2]
+    seqs = scored_sequences(tokenizer, texts, seq_len)
     if not seqs:
         raise BadInput("no text of at least 2 tokens to evaluate on")
     rows = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)

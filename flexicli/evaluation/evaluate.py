@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import BadInput
-from ..data.tokens import pad_id, prompt_ids, stop_ids
+from ..data.tokens import pad_id, prompt_ids, scored_sequences, stop_ids
 from ..data.tasks import PER_CATEGORY
 from .scores import correct, flips, retention, retention_interval
 
@@ -454,8 +454,7 @@ def _inputs(fm, data, prompts, tasks, max_samples: int, seq_len: int, n_prompts:
     if data is None:
         answers = (lambda done, total: progress("held-out answers", done, total)) if progress else None
         data = _default_texts(fm, max_samples, answers)
-    seqs = [s[:seq_len] for s in (prompt_ids(fm.tokenizer, x, chat=False) for x in list(data)[:max_samples])]
-    seqs = [s for s in seqs if len(s) >= 2]
+    seqs = scored_sequences(fm.tokenizer, list(data)[:max_samples], seq_len)
     if prompts is None:
         prompts = _default_prompts(n_prompts) if fm.tokenizer is not None else [s[:len(s) // 2] for s in seqs]
     greedy_prompts = [p for p in (prompt_ids(fm.tokenizer, x, chat=True) for x in list(prompts)[:n_prompts]) if p]
