@@ -243,9 +243,11 @@ def test_skip_cost_is_the_kl_of_the_model_without_that_layer():
     assert (cost > 1e-3).float().mean() > 0.5  # the sharpened head: skipping a layer costs something
 
 
-def test_cost_warm_start_fits_after_the_adapters_and_sets_the_budget():
-    """router_init cost: the adapters are fitted first (the cost is measured with them in place), then the routers,
-    whose targets ask for the budget in layer-equivalents; a layer that changes nothing is skipped first."""
+@pytest.mark.parametrize("measure", ["cost", "blend"])
+def test_cost_warm_start_fits_after_the_adapters_and_sets_the_budget(measure):
+    """router_init cost (and blend, which ranks by cost and influence): the adapters are fitted first (the cost is
+    measured with them in place), then the routers, whose targets ask for the budget in layer-equivalents; a layer
+    that changes nothing is skipped first."""
     base = peaky_tiny()
     with torch.no_grad():  # layer 1 adds nothing to the residual stream: skipping it is free
         base.model.layers[1].self_attn.o_proj.weight.zero_()
@@ -255,14 +257,14 @@ def test_cost_warm_start_fits_after_the_adapters_and_sets_the_budget():
     rows, heldout = torch.randint(3, 128, (16, 32), generator=g), torch.randint(3, 128, (4, 32), generator=g)
     logs = []
     c = TrainConfig(skip_target=0.5, steps=2, batch_size=4, seq_len=32, eval_every=100, save_every=100,
-                    router_init="cost")
+                    router_init=measure)
     summary = train(fm, c, rows=rows, heldout=heldout, progress=False, log=logs.append)
     order = [m.split()[0] for m in logs if m.startswith(("adapters", "routers"))]
     assert order[0] == "adapters" and order[-1] == "routers" and order.count("routers") == 1, logs
     assert "the cost of skipping" in next(m for m in logs if m.startswith("routers"))
     asked = summary["router_fit"]["target_skip_rate"]
     assert asked["1"] == pytest.approx(0.5, abs=0.02) and asked["0"] < 0.02
-    with pytest.raises(BadInput, match="'influence', 'cost' or 'none'"):
+    with pytest.raises(BadInput, match="'influence', 'cost', 'blend' or 'none'"):
         TrainConfig(skip_target=1.0, router_init="costs").check()
 
 

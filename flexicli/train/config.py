@@ -53,6 +53,7 @@ class TrainConfig:
     #                          | density: per-unit target density (budget.BudgetDensity)
     # influence: fit the routers to token-level unit influence first (router_init.py) | cost: to the measured KL cost
     # of skipping each unit per token (adapters fitted first; a forward pass per routed unit over 1,024 tokens)
+    # | blend: to both ranks averaged (router_init.py)
     # | none: fresh routers. cost, measured at 500e1b6 (docs/results.md): Gemma N = 2 keeps 17 of 22 factual answers
     # (influence: 9) at the same task retention; SmolLM2 N = 4 validation KL 0.071 against 0.100, but 3.35 layers
     # skipped on flexi eval's held-out text and 2.97 on docstrings (target 4): the budget does not hold, so the
@@ -150,8 +151,8 @@ class TrainConfig:
             raise BadInput(f"objective must be 'kl' or 'lm', not {self.objective!r}")
         if self.budget not in BUDGETS:
             raise BadInput(f"budget must be one of {sorted(BUDGETS)}, not {self.budget!r}")
-        if self.router_init not in ("influence", "cost", "none"):
-            raise BadInput(f"router_init must be 'influence', 'cost' or 'none', not {self.router_init!r}")
+        if self.router_init not in ("influence", "cost", "blend", "none"):
+            raise BadInput(f"router_init must be 'influence', 'cost', 'blend' or 'none', not {self.router_init!r}")
         if self.penalty_start not in ("balance", "zero"):
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
         if not 0 < self.max_skip_share <= 1:
@@ -220,7 +221,7 @@ class TrainConfig:
     @property
     def warm_start(self) -> bool:
         """Routers are fitted before training (distillation only: FlexiDepth's objective starts from scratch)."""
-        return self.router_init in ("influence", "cost") and self.objective == "kl"
+        return self.router_init in ("influence", "cost", "blend") and self.objective == "kl"
 
 
 def recipes_dir() -> Path:

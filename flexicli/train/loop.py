@@ -468,7 +468,8 @@ def _before_step_0(fm, run: _Run, progress, log) -> None:
         reports["router_fit"] = warm_start_routers(fm, rows, cfg.skip_target, progress=stage("routers"),
                                                     max_share=cfg.max_skip_share, measure=cfg.router_init)
         fits = reports["router_fit"]["spearman_heldout"].values()
-        measure = f"{unit_word} influence" if cfg.router_init == "influence" else "the cost of skipping"
+        measure = {"influence": f"{unit_word} influence", "cost": "the cost of skipping",
+                   "blend": f"{unit_word} influence and the cost of skipping"}[cfg.router_init]
         log(f"routers warm-started: rank correlation with {measure} {min(fits):.2f}..{max(fits):.2f} "
             "(tokens not fitted on)")
 
@@ -489,7 +490,7 @@ def _before_step_0(fm, run: _Run, progress, log) -> None:
         if fit["not_fitted"]:
             log(f"adapters left fresh (a fit no better than adding nothing, or an output norm that is not RMS): "
                 f"layers {fit['not_fitted']}")
-    if run.warm and cfg.router_init == "cost":
+    if run.warm and cfg.router_init in ("cost", "blend"):
         routers()
     budget = run.budget
     if run.warm and cfg.objective == "kl" and budget.kind == "penalty" and cfg.penalty_start == "balance":

@@ -24,6 +24,10 @@ of the next-token distribution at the token's position, one extra forward pass p
 the adapter fit). Why: influence measures how much a unit moves the residual stream, not what the move is worth to
 the output, and on Gemma-3-270M the routers warm-started by it skipped layers 8 and 9 for every token while the
 factual answers that need them were lost (docs/results.md).
+
+`router_init: blend` ranks by both: each (token, unit) pair's pooled rank by influence and by cost, averaged, on the
+cost's tokens. Why: on SmolLM2 the cost start gives the best top-1 and loses arithmetic and factual answers, the
+influence start keeps them at a lower top-1 (docs/results.md).
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ def unit_skip_cost(fm, rows: torch.Tensor, batch_size: int | None = None) -> tor
                                                                                    use_cache=False).logits).flatten()
             done += ids.numel()
     return cost
+
+
+def pooled_rank(score: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank among all entries (every token and unit pooled), scaled to [0, 1)."""
+    return (score.flatten().argsort().argsort().float() / score.numel()).view_as(score)
 
 
 def target_logits(influence: torch.Tensor, skip_target: float, costs=None, spread: float = 1.0,
@@ -135,12 +144,14 @@ def warm_start_routers(fm, rows: torch.Tensor, skip_target: float, max_tokens: i
     `influence`), or on `cost_tokens` of them ranked by unit_skip_cost (measure `cost`: a forward pass per unit over
     them). Returns per unit (keys as FlexiModel.unit_labels: '17', '17.attn') held-out fit quality (Spearman) and
     the skip rates the targets ask for. max_share: target_logits'."""
-    if measure not in ("influence", "cost"):
-        raise ValueError(f"measure must be 'influence' or 'cost', not {measure!r}")
+    if measure not in ("influence", "cost", "blend"):
+        raise ValueError(f"measure must be 'influence', 'cost' or 'blend', not {measure!r}")
     rows = rows[:max(1, (max_tokens if measure == "influence" else cost_tokens) // rows.shape[1])]
     zs, score = unit_influence(fm, rows)
     if measure == "cost":
         score = unit_skip_cost(fm, rows)
+    elif measure == "blend":
+        score = (pooled_rank(score) + pooled_rank(unit_skip_cost(fm, rows))) / 2
     targets = target_logits(score, skip_target, fm.unit_costs, max_share=max_share)
     routers = [layer.routers[unit] for layer in fm.layers for unit in layer.units]
     fits = {}
