@@ -142,8 +142,9 @@ def warm_start_routers(fm, rows: torch.Tensor, skip_target: float, max_tokens: i
                        max_share: float = 1.0, measure: str = "influence", cost_tokens: int = 1024) -> dict:
     """Fit every routed unit's router as described above on about `max_tokens` tokens of training rows (measure
     `influence`), or on `cost_tokens` of them ranked by unit_skip_cost (measure `cost`: a forward pass per unit over
-    them), or on `cost_tokens` ranked by both (measure `blend`: pooled_rank of each, averaged). Returns per unit (keys as FlexiModel.unit_labels: '17', '17.attn') held-out fit quality (Spearman) and
-    the skip rates the targets ask for. max_share: target_logits'."""
+    them), or on `cost_tokens` ranked by both (measure `blend`: pooled_rank of each, averaged). Returns per unit
+    (keys as FlexiModel.unit_labels: '17', '17.attn') held-out fit quality (Spearman) and the skip rates the targets
+    ask for. max_share: target_logits'."""
     if measure not in ("influence", "cost", "blend"):
         raise ValueError(f"measure must be 'influence', 'cost' or 'blend', not {measure!r}")
     rows = rows[:max(1, (max_tokens if measure == "influence" else cost_tokens) // rows.shape[1])]
