@@ -35,13 +35,13 @@ def prompt_ids(tokenizer, item, chat: bool | None = None) -> list[int]:
     return list(tokenizer(item, add_special_tokens=not has_bos)["input_ids"])
 
 
-
 def scored_sequences(tokenizer, texts, seq_len: int) -> list[list[int]]:
     """Texts as `flexi eval` scores them, teacher-forced: each alone as plain text (prompt_ids, chat=False), cut at
     seq_len, those of at least 2 tokens (one prediction). `flexi train` reads its held-out and validation text the
     same way (text.one_per_row), so its calibrated threshold holds on the verdict's count."""
     seqs = (prompt_ids(tokenizer, t, chat=False)[:seq_len] for t in texts)
     return [s for s in seqs if len(s) >= 2]
+
 
 def stop_ids(model, tokenizer) -> set[int]:
     """Every id that ends generation: the eos ids of the tokenizer, the generation config and the model config."""

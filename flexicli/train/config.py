@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..core.errors import BadInput
 from .budget import BUDGETS
+from .router_init import MEASURES
 
 SOURCE_SPREAD = 0.03  # source_spread's default where it applies (TrainConfig.resolved)
 
@@ -152,7 +153,7 @@ class TrainConfig:
             raise BadInput(f"objective must be 'kl' or 'lm', not {self.objective!r}")
         if self.budget not in BUDGETS:
             raise BadInput(f"budget must be one of {sorted(BUDGETS)}, not {self.budget!r}")
-        if self.router_init not in ("influence", "cost", "blend", "none"):
+        if self.router_init not in (*MEASURES, "none"):
             raise BadInput(f"router_init must be 'influence', 'cost', 'blend' or 'none', not {self.router_init!r}")
         if self.penalty_start not in ("balance", "zero"):
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
@@ -222,7 +223,7 @@ class TrainConfig:
     @property
     def warm_start(self) -> bool:
         """Routers are fitted before training (distillation only: FlexiDepth's objective starts from scratch)."""
-        return self.router_init in ("influence", "cost", "blend") and self.objective == "kl"
+        return self.router_init in MEASURES and self.objective == "kl"
 
 
 def recipes_dir() -> Path:

@@ -83,9 +83,13 @@ def unit_skip_cost(fm, rows: torch.Tensor, batch_size: int | None = None) -> tor
     return cost
 
 
+MEASURES = ("influence", "cost", "blend")  # what warm_start_routers ranks (token, unit) pairs by
+
+
 def pooled_rank(score: torch.Tensor) -> torch.Tensor:
-    """Each entry's rank among all entries (every token and unit pooled), scaled to [0, 1)."""
-    return (score.flatten().argsort().argsort().float() / score.numel()).view_as(score)
+    """Each entry's rank among all entries (every token and unit pooled), as the midpoint of its 1/numel share of
+    (0, 1)."""
+    return ((score.flatten().argsort().argsort().float() + 0.5) / score.numel()).view_as(score)
 
 
 def target_logits(influence: torch.Tensor, skip_target: float, costs=None, spread: float = 1.0,
@@ -101,7 +105,7 @@ def target_logits(influence: torch.Tensor, skip_target: float, costs=None, sprea
         within = score.argsort(0).argsort(0)  # each token's rank inside its own unit
         score = score + (within >= int(max_share * score.shape[0])).to(score.dtype) * (score.max() - score.min() + 1)
     flat = score.flatten()
-    u = (flat.argsort().argsort().float() + 0.5) / flat.numel()
+    u = pooled_rank(flat)
     if cost is None:
         share = skip_target / influence.shape[1]
     else:  # the pairs below the cost-weighted quantile: the cheapest ones, worth skip_target / capacity of the cost
@@ -145,8 +149,8 @@ def warm_start_routers(fm, rows: torch.Tensor, skip_target: float, max_tokens: i
     them), or on `cost_tokens` ranked by both (measure `blend`: pooled_rank of each, averaged). Returns per unit
     (keys as FlexiModel.unit_labels: '17', '17.attn') held-out fit quality (Spearman) and the skip rates the targets
     ask for. max_share: target_logits'."""
-    if measure not in ("influence", "cost", "blend"):
-        raise ValueError(f"measure must be 'influence', 'cost' or 'blend', not {measure!r}")
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
     rows = rows[:max(1, (max_tokens if measure == "influence" else cost_tokens) // rows.shape[1])]
     zs, score = unit_influence(fm, rows)
     if measure == "cost":
