@@ -12,7 +12,7 @@ from flexicli.train.budget import BudgetPenalty
 from flexicli.train.objectives import gate_margin
 from flexicli.core.flexi_model import FlexiModel
 from flexicli.core.routed_layer import threshold_logit, threshold_of
-from flexicli.train.config import TrainConfig, load_recipe
+from flexicli.train.config import TrainConfig, load_recipe, recipes_dir
 from flexicli.train.loop import batch_indices, train
 
 
@@ -341,6 +341,13 @@ def test_recipes_load_and_bad_settings_fail():
         TrainConfig.from_dict({"skip_target": 1, "stepz": 3})
     with pytest.raises(BadInput, match="outside 0..2"):
         cfg(skip_target=5).check(2)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in recipes_dir().glob("*.yaml")))
+def test_every_shipped_recipe_is_a_valid_config(name):
+    r = load_recipe(name)
+    c = TrainConfig.from_dict({"skip_target": 4, **r})  # a recipe without skip_target gets it from the flag
+    c.check()
 
 
 def test_cpu_recipe_is_the_defaults_spelled_out():

@@ -33,6 +33,7 @@ def test_wheel_ships_recipes_and_they_load(tmp_path):
     (wheel,) = wheels.glob("flexicli-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("flexicli/train/recipes/smollm2-135m-cpu.yaml", "flexicli/train/recipes/llama3-8b-instruct.yaml",
+              "flexicli/train/recipes/gemma3-270m-cpu.yaml",
               "flexicli/data/prompts.jsonl"):
         assert f in names
 

@@ -54,8 +54,9 @@ class TrainConfig:
     #                          | density: per-unit target density (budget.BudgetDensity)
     # influence: fit the routers to token-level unit influence first (router_init.py) | cost: to the measured KL cost
     # of skipping each unit per token (adapters fitted first; a forward pass per routed unit over 1,024 tokens)
-    # | blend: to both ranks averaged (router_init.py); measured at b99cb09: Gemma N = 2 (60 steps) passes flexi eval,
-    # SmolLM2 N = 4 fails retention (0.717), so not the default
+    # | blend: to both ranks averaged (router_init.py); measured at b99cb09 / e7cd863: Gemma N = 2 (60 steps) passes
+    # flexi eval on two seeds where influence fails (the recipe gemma3-270m-cpu), SmolLM2 N = 4 fails retention
+    # (0.717), so not the default
     # | none: fresh routers. cost, measured at 500e1b6 (docs/results.md): Gemma N = 2 keeps 17 of 22 factual answers
     # (influence: 9) at the same task retention; SmolLM2 N = 4 validation KL 0.071 against 0.100, but 3.35 layers
     # skipped on flexi eval's held-out text and 2.97 on docstrings (target 4): the budget does not hold, so the
