@@ -24,6 +24,7 @@ def pytest_collection_modifyitems(items):
         if "smollm2" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real)
 
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
 
