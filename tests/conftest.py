@@ -19,7 +19,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marker must be there when it reads them
 def pytest_collection_modifyitems(items):
     """A test that loads the real SmolLM2 belongs to the real tier, marked or not: the tiny tier (`-m "not real"`, as
-    scripts/check_newest.sh runs it) must not need the embedded model (four such tests were unmarked until 2026-12-06)."""
+    scripts/check_newest.sh runs it) must not need the embedded model (four such tests were unmarked until
+    2026-12-06)."""
     for item in items:
         if "smollm2" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real)
