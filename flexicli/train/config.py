@@ -155,7 +155,7 @@ class TrainConfig:
         if self.budget not in BUDGETS:
             raise BadInput(f"budget must be one of {sorted(BUDGETS)}, not {self.budget!r}")
         if self.router_init not in (*MEASURES, "none"):
-            raise BadInput(f"router_init must be one of {(*MEASURES, 'none')}, not {self.router_init!r}")
+            raise BadInput(f"router_init must be 'influence', 'cost', 'blend' or 'none', not {self.router_init!r}")
         if self.penalty_start not in ("balance", "zero"):
             raise BadInput(f"penalty_start must be 'balance' or 'zero', not {self.penalty_start!r}")
         if not 0 < self.max_skip_share <= 1:
