@@ -348,6 +348,9 @@ def test_every_shipped_recipe_is_a_valid_config(name):
     r = load_recipe(name)
     c = TrainConfig.from_dict({"skip_target": 4, **r})  # a recipe without skip_target gets it from the flag
     c.check()
+    from click.testing import CliRunner
+    from flexicli.cli.train import command
+    assert name in CliRunner().invoke(command, ["--help"]).output.replace("\n", ""), "flexi train --help names it"
 
 
 def test_cpu_recipe_is_the_defaults_spelled_out():

@@ -29,7 +29,7 @@ _FLAGS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "seed", "data", 
 @click.option("--calibrate/--no-calibrate", default=None, help="Nudge the threshold after training so held-out skipping hits the target.")
 @click.option("--cache-teacher/--no-cache-teacher", default=None, help="Keep the teacher's hidden states per training row (default on when under 4 GiB; filled as training first reaches each row).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the checkpoint's training state (its settings; --steps may raise the total). A folder that no run has saved a step to yet (e.g. killed before the first --save-every) starts from step 0, as without --resume (then --skip-target is needed); a trained folder without train_state.safetensors is an error.")
-@click.option("--recipe", default=None, help="A recipe shipped in flexicli/train/recipes/ (smollm2-135m-cpu, llama3-8b-instruct), or a YAML file.")
+@click.option("--recipe", default=None, help="A recipe shipped in flexicli/train/recipes/ (smollm2-135m-cpu, gemma3-270m-cpu, llama3-8b-instruct), or a YAML file.")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="A YAML file of training settings.")
 @click.option("--device", default=None)
 @json_option
