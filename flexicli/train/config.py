@@ -213,8 +213,8 @@ class TrainConfig:
     def margin(self) -> float:
         """The margin weight in effect. Under per-layer capacities the margin is what makes the one inference
         threshold reproduce the trained decisions (objectives.gate_margin): 0.05. With warm-started routers under the
-        penalty, 0.03 keeps the gates from bunching at the threshold (measured: README, Training). With fresh
-        routers it stays off: there it made whole routers cross the threshold at once."""
+        penalty, 0.03 keeps the gates from bunching at the threshold (measured: docs/results.md, "Penalty against
+        capacity"). With fresh routers it stays off: there it made whole routers cross the threshold at once."""
         if self.margin_weight is not None:
             return self.margin_weight
         if self.budget == "capacity":
