@@ -58,7 +58,8 @@ class BudgetPenalty(_Budget):
     The loss gets `lam * (target - skipped)`: while too few layers are skipped lam grows and pushes the routers to
     skip more; when too many are, it turns negative and pushes back. The threshold stays put, so the routers
     themselves learn where the budget lies; calibration after training removes the last few tenths of a layer.
-    Measured on SmolLM2 (100 steps): better held-out agreement than BudgetThreshold at the same budget (README)."""
+    Measured on SmolLM2 (100 steps): better held-out agreement than BudgetThreshold at the same budget
+    (docs/results.md)."""
 
     kind = "penalty"
 
@@ -95,7 +96,7 @@ class BudgetThreshold(_Budget):
     units differ, flexicli/core/units.py): a token skips a layer iff its logit is below it, so the
     budget is met by construction (to a step's lag, while the routers move slowly) and not by a feedback loop. The
     loss only decides which tokens skip, the threshold how many. Measured on SmolLM2 (100 steps): the count is exact,
-    but held-out agreement is lower than with BudgetPenalty (README), so it is the option, not the default."""
+    but held-out agreement is lower than with BudgetPenalty (docs/results.md), so it is the option, not the default."""
 
     kind = "threshold"
 

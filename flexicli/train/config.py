@@ -103,7 +103,8 @@ class TrainConfig:
     eval_every: int = 40
     eval_rows: int = 16  # validation conversations (held-out ones without them), one a row, per mid-run evaluation
     save_every: int = 60
-    gradient_checkpointing: bool = True  # measured: peak RSS 1.12x the frozen model's, against 1.60x without (README)
+    # measured: peak RSS 1.12x the frozen model's, against 1.60x without (docs/results.md, Training memory)
+    gradient_checkpointing: bool = True
     calibrate: bool = True  # after training, nudge the threshold so held-out mean skipped == target
     selfgen_tokens: int = 96
     # data selfgen/mix: this many instructions in the task suite's formats, made from package documentation
