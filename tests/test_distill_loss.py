@@ -85,3 +85,32 @@ def test_token_weights_must_match_the_tokens():
     head = torch.nn.Linear(8, 31, bias=False).requires_grad_(False)
     with pytest.raises(RuntimeError, match="token weights"):
         distill_loss(torch.randn(2, 5, 8), torch.randn(2, 5, 8), logits_fn(_Model(head)), weights=torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("fused,cap", [(True, None), (False, None), (True, 3.0)])
+def test_top1_weight_adds_the_cross_entropy_on_the_misses(fused, cap):
+    """top1_weight: mean over tokens of KL + weight * CE(student, the teacher's top token) where the two top tokens
+    differ, both paths, against the definition and its autograd gradient (with Gemma-2's soft-capping too)."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(8, 31, bias=False).requires_grad_(False)
+    f = logits_fn(_Model(head, cap))
+    fn = f if fused else (lambda h: f(h))
+    s0 = torch.randn(3, 9, 8) * 2
+    t = s0 + torch.randn(3, 9, 8) * 1.5
+    w = torch.rand(3, 9) + 0.5
+    s = s0.clone().requires_grad_()
+    loss, agree = distill_loss(s, t, fn, chunk=4, weights=w, top1_weight=0.7)
+    loss.backward()
+    ref = s0.clone().requires_grad_()
+    ls, lt = F.log_softmax(f(ref), -1), F.log_softmax(f(t), -1)
+    top = lt.argmax(-1)
+    miss = ls.argmax(-1) != top
+    assert 0 < miss.sum() < miss.numel()  # some tokens agree, some do not: both branches run
+    per_token = (lt.exp() * (lt - ls)).sum(-1) - 0.7 * miss * ls.gather(-1, top[..., None]).squeeze(-1)
+    want = (per_token * w).sum() / w.sum()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert agree.item() == pytest.approx(1 - miss.float().mean().item())
+    torch.testing.assert_close(s.grad, ref.grad, rtol=1e-4, atol=1e-6)
+    plain, _ = distill_loss(s0, t, fn, chunk=4, weights=w)
+    assert plain.item() < loss.item() - 1e-3  # the term is there

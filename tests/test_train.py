@@ -960,6 +960,34 @@ def test_answer_weight_moves_the_gradient_and_is_refused_without_answers(monkeyp
     assert any(not torch.allclose(a, b) for a, b in zip(grads(chat, 0.0), grads(chat, 4.0)))
 
 
+def test_top1_weight_reaches_the_step_and_is_checked():
+    """top1_weight > 0 changes a step's gradient (a tiny routed model misses the teacher's top token somewhere); a
+    negative weight, or one under FlexiDepth's LM objective, is refused."""
+    from flexicli.core.errors import BadInput
+    from flexicli.train.loop import train_step
+    from flexicli.train.objectives import logits_fn
+
+    fm, rows, _ = setup()
+    for layer in fm.layers:  # some tokens run, some skip
+        torch.nn.init.normal_(layer.router.head.weight, std=1.0)
+        layer.router.bias.data.fill_(0.0)
+
+    def step(weight):
+        for p in fm.trainable_parameters():
+            p.grad = None
+            p.requires_grad_(True)
+        out = train_step(fm, rows[:4], cfg(top1_weight=weight), logits_fn(fm.model), 1.0, BudgetPenalty(2))
+        return out, [p.grad.clone() for p in fm.trainable_parameters()]
+
+    (plain, g0), (with_term, g1) = step(0.0), step(0.5)
+    assert plain["agree"] < 1  # misses exist, so the term has tokens to act on
+    assert with_term["loss"] > plain["loss"] and any(not torch.allclose(a, b) for a, b in zip(g0, g1))
+    with pytest.raises(BadInput, match="top1_weight must be at least 0"):
+        cfg(top1_weight=-1.0).check()
+    with pytest.raises(BadInput, match="top1_weight applies to objective kl"):
+        cfg(top1_weight=0.5, objective="lm").check()
+
+
 def test_padded_heldout_rows_count_and_score_only_their_tokens():
     """Held-out rows of one text each (text.one_per_row) end in PAD: the skipped count, the calibrated threshold and
     the metrics are those of the texts alone, as flexi eval reads them."""

@@ -50,6 +50,10 @@ class TrainConfig:
     # token alike. Measured at 8 on SmolLM2, N = 4, seed 0 (docs/results.md): the first answer token's top-1 0.655
     # against 0.667, flexi eval top-1 0.794 against 0.815: so off
     answer_weight: float = 0.0
+    # objective kl: + top1_weight * the cross-entropy toward the original's top token at the positions where the routed
+    # model's top token differs (objectives.distill_loss; the logged loss then includes it). Why: flexi eval's top-1
+    # agreement counts flips at the original's near-ties, which cost the KL almost nothing. 0: off. Not yet measured
+    top1_weight: float = 0.0
     budget: str = "penalty"  # penalty: PI-controlled Lagrange term | capacity: per-unit shares (budget.BudgetCapacity) | threshold: quantile
     #                          | density: per-unit target density (budget.BudgetDensity)
     # influence: fit the routers to token-level unit influence first (router_init.py) | cost: to the measured KL cost
@@ -180,6 +184,10 @@ class TrainConfig:
             raise BadInput(f"answer_weight must be at least 0, not {self.answer_weight}", "0 weighs every token alike")
         if self.answer_weight and self.objective != "kl":
             raise BadInput(f"answer_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
+        if self.top1_weight < 0:
+            raise BadInput(f"top1_weight must be at least 0, not {self.top1_weight}", "0 turns the term off")
+        if self.top1_weight and self.objective != "kl":
+            raise BadInput(f"top1_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
         if self.task_prompts < 0:
             raise BadInput(f"task_prompts must be at least 0, not {self.task_prompts}")
         if self.task_prompts and self.data not in ("selfgen", "mix"):
