@@ -4,10 +4,10 @@ computed, interleaved in one process so that a busy machine slows every configur
     python benchmarks/train_step_time.py --threads 1 --repeats 4
 
   fused:         the defaults (distillation loss fused with its gradient, objectives._FusedKL; teacher cache;
-                 gradient checkpointing of the routed layers)
+                 gradient checkpointing of the routed layers), with FlexiDepth's adapters / 16
   checkpointed:  the loss through autograd with checkpointed chunks (what the fused loss replaced)
   no-ckpt:       fused, without gradient checkpointing (--no-gradient-checkpointing: more memory, train_memory.py)
-  adapter/8:     fused, adapters twice as wide (flexi convert --adapter-reduction 8; the default is 16)
+  adapter/8:     fused, adapters twice as wide (flexi convert's default since the adapters / 8 run was timed)
   hidden:        fused, with the per-layer hidden-state term (config hidden_weight; its teacher cache holds each
                  routed layer's output)
 Each step is one train_step on random tokens (4 x 256, every routed layer routed, teacher hidden states cached as in

@@ -21,11 +21,12 @@ from .routed_layer import (FlexiLayer, RoutingState, install_routed_layers, is_t
                            trained_modules, trained_state)
 from .units import check_choice, unit_key, unit_label
 
-# Adapter width = the MLP's width / this (FlexiDepth's 16). Measured on SmolLM2 (docs/results.md, the levers at a
-# glance, "5 adapter width"): at today's default run, 8 is closer than 16 on both seeds measured (flexi eval KL 0.091
-# and 0.090 against 0.102 and 0.100) by less than run-to-run noise, for 1.8x the trainable parameters and a longer
-# warm start; 16 stays until the default run is timed with 8.
-ADAPTER_REDUCTION = 16
+# Adapter width = the MLP's width / this (FlexiDepth's is 16). Measured on SmolLM2's default run, N = 4
+# (docs/results.md, the levers at a glance, "5 adapter width"): 8 gave flexi eval KL 0.091, 0.090 and 0.095 on three
+# runs (two seeds) against 16's 0.102 and 0.100, all passing, top-1 within noise (0.867-0.883 against 0.864-0.873);
+# convert + train took 36.1 min alone on 2 threads (16: 47.9 and 58.7 min on slower days), for 1.8x the trainable
+# parameters (a 42 MB checkpoint against 23) and 1.6-2.4 min more warm start at 1 thread.
+ADAPTER_REDUCTION = 8
 
 
 def submodule(root: nn.Module, dotted: str):
