@@ -89,11 +89,12 @@ def test_distillation_loss_falls_at_fixed_skipping():
                                                 ("capacity", "none")])
 def test_budget_is_hit(budget, router_init):
     fm, rows, heldout = setup()
-    summary = train(fm, cfg(steps=60, skip_target=1.0, budget=budget, router_init=router_init, calibrate=True),
+    summary = train(fm, cfg(steps=80, skip_target=1.0, budget=budget, router_init=router_init, calibrate=True),
                     rows=rows, heldout=heldout, progress=False, log=lambda m: None)
     # As a user runs it: training moves the count most of the way (the penalty's integral is clamped, so on this
-    # peaky tiny model it settles short of the target in 60 steps), calibration on held-out rows lands it. The count
-    # training reached is the last step's weights' (the saved average's routers lag them a little).
+    # peaky tiny model it settles short of the target: 0.56 after 80 steps with the default adapters / 8, 0.36 after
+    # 60; / 16 reached 0.57 in 60), calibration on held-out rows lands it. The count training reached is the last
+    # step's weights' (the saved average's routers lag them a little).
     assert summary["last_step"]["mean_skipped_layers"] >= 0.4, summary
     assert abs(summary["mean_skipped_layers"] - 1.0) <= 0.5, summary
 
