@@ -4,9 +4,10 @@
     python benchmarks/top1_margin_probe.py CKPT [CKPT ...]
 
 The first checkpoint's original is also compared with its int8 copy (per output channel, as `flexi eval
---yardstick`): the disagreements of a copy that is close everywhere. Prints, per model, the totals and for each margin bucket: the share of tokens, top-1 agreement, mean KL and
-the share of all disagreements. Why: the aim's top-1 >= 0.90 asks for agreement where the original itself hesitates
-(an int8 copy of the original already disagrees on ~3% of tokens at KL 0.004, docs/results.md, Yardstick).
+--yardstick`): the disagreements of a copy that is close everywhere. Prints, per model, the totals and for each
+margin bucket: the share of tokens, top-1 agreement, mean KL and the share of all disagreements. Why: the aim's
+top-1 >= 0.90 asks for agreement where the original itself hesitates (an int8 copy of the original already
+disagrees on ~3% of tokens at KL 0.004, docs/results.md, Yardstick).
 """
 import sys
 from contextlib import nullcontext

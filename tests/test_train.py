@@ -934,8 +934,6 @@ def test_answer_weight_moves_the_gradient_and_is_refused_without_answers(monkeyp
     (or a model without a chat template) is refused before step 0, not trained with every weight 1."""
     import flexicli.data.tokens as tokens
     from flexicli.core.errors import BadInput
-    from flexicli.train.loop import train_step
-    from flexicli.train.objectives import logits_fn
 
     fm, rows, _ = setup()
     with pytest.raises(BadInput, match="chat template"):
@@ -948,11 +946,7 @@ def test_answer_weight_moves_the_gradient_and_is_refused_without_answers(monkeyp
         layer.router.bias.data.fill_(0.0)
 
     def grads(batch, weight):
-        for p in fm.trainable_parameters():
-            p.grad = None
-            p.requires_grad_(True)
-        train_step(fm, batch, cfg(answer_weight=weight), logits_fn(fm.model), 1.0, BudgetPenalty(2))
-        return [p.grad.clone() for p in fm.trainable_parameters()]
+        return _step_grads(fm, batch, cfg(answer_weight=weight))[1]
 
     plain = rows[:4]
     assert all(torch.equal(a, b) for a, b in zip(grads(plain, 0.0), grads(plain, 4.0)))  # no answer: the same
@@ -961,26 +955,29 @@ def test_answer_weight_moves_the_gradient_and_is_refused_without_answers(monkeyp
     assert any(not torch.allclose(a, b) for a, b in zip(grads(chat, 0.0), grads(chat, 4.0)))
 
 
+def _step_grads(fm, batch, config):
+    """One train_step of `fm` on `batch` under `config` (skip target 1, the penalty budget) from zero gradients:
+    (its record, a copy of every trainable parameter's gradient)."""
+    from flexicli.train.loop import train_step
+    from flexicli.train.objectives import logits_fn
+
+    for p in fm.trainable_parameters():
+        p.grad = None
+        p.requires_grad_(True)
+    out = train_step(fm, batch, config, logits_fn(fm.model), 1.0, BudgetPenalty(2))
+    return out, [p.grad.clone() for p in fm.trainable_parameters()]
+
+
 def test_top1_weight_reaches_the_step_and_is_checked():
     """top1_weight > 0 changes a step's gradient (a tiny routed model misses the teacher's top token somewhere); a
     negative weight, or one under FlexiDepth's LM objective, is refused."""
     from flexicli.core.errors import BadInput
-    from flexicli.train.loop import train_step
-    from flexicli.train.objectives import logits_fn
 
     fm, rows, _ = setup()
     for layer in fm.layers:  # some tokens run, some skip
         torch.nn.init.normal_(layer.router.head.weight, std=1.0)
         layer.router.bias.data.fill_(0.0)
-
-    def step(weight):
-        for p in fm.trainable_parameters():
-            p.grad = None
-            p.requires_grad_(True)
-        out = train_step(fm, rows[:4], cfg(top1_weight=weight), logits_fn(fm.model), 1.0, BudgetPenalty(2))
-        return out, [p.grad.clone() for p in fm.trainable_parameters()]
-
-    (plain, g0), (with_term, g1) = step(0.0), step(0.5)
+    (plain, g0), (with_term, g1) = (_step_grads(fm, rows[:4], cfg(top1_weight=w)) for w in (0.0, 0.5))
     assert plain["agree"] < 1  # misses exist, so the term has tokens to act on
     assert with_term["loss"] > plain["loss"] and any(not torch.allclose(a, b) for a, b in zip(g0, g1))
     with pytest.raises(BadInput, match="top1_weight must be at least 0"):

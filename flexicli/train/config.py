@@ -170,27 +170,19 @@ class TrainConfig:
             raise BadInput(f"max_skip_share must be in (0, 1], not {self.max_skip_share}", "1 turns the cap off")
         if self.max_skip_share < 1 and self.objective != "kl":
             raise BadInput(f"max_skip_share applies to objective kl, not {self.objective!r}", "drop it or use kl")
-        if self.hidden_weight < 0:
-            raise BadInput(f"hidden_weight must be at least 0, not {self.hidden_weight}", "0 turns the term off")
-        if self.hidden_weight and self.objective != "kl":
-            raise BadInput(f"hidden_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
-        if self.row_spread < 0:
-            raise BadInput(f"row_spread must be at least 0, not {self.row_spread}", "0 turns the term off")
-        if self.row_spread and self.objective != "kl":
-            raise BadInput(f"row_spread applies to objective kl, not {self.objective!r}", "drop it or use kl")
+        # the distillation-only loss terms: a weight >= 0, and none under FlexiDepth's LM objective
+        for name, off in (("hidden_weight", "0 turns the term off"), ("row_spread", "0 turns the term off"),
+                          ("answer_weight", "0 weighs every token alike"), ("top1_weight", "0 turns the term off")):
+            value = getattr(self, name)
+            if value < 0:
+                raise BadInput(f"{name} must be at least 0, not {value}", off)
+            if value and self.objective != "kl":
+                raise BadInput(f"{name} applies to objective kl, not {self.objective!r}", "drop it or use kl")
         if self.source_spread is not None and self.source_spread < 0:
             raise BadInput(f"source_spread must be at least 0, not {self.source_spread}", "0 turns the term off")
         if self.source_spread and (self.objective != "kl" or self.data != "mix"):
             raise BadInput(f"source_spread applies to objective kl with data mix, not {self.objective!r} with "
                            f"{self.data!r}", "drop it, or use objective kl and data mix")
-        if self.answer_weight < 0:
-            raise BadInput(f"answer_weight must be at least 0, not {self.answer_weight}", "0 weighs every token alike")
-        if self.answer_weight and self.objective != "kl":
-            raise BadInput(f"answer_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
-        if self.top1_weight < 0:
-            raise BadInput(f"top1_weight must be at least 0, not {self.top1_weight}", "0 turns the term off")
-        if self.top1_weight and self.objective != "kl":
-            raise BadInput(f"top1_weight applies to objective kl, not {self.objective!r}", "drop it or use kl")
         if self.task_prompts < 0:
             raise BadInput(f"task_prompts must be at least 0, not {self.task_prompts}")
         if self.task_prompts and self.data not in ("selfgen", "mix"):

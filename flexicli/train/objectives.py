@@ -61,8 +61,9 @@ class _FusedKL(torch.autograd.Function):
         for i in range(0, s.shape[0], chunk):
             zs, zt = head(s[i:i + chunk]), head(t[i:i + chunk])  # logits_fn's: float32, soft-capped
             top = zt.argmax(-1)
-            miss = (zs.argmax(-1) != top).nonzero().squeeze(-1)  # rows whose top token differs
-            agree += zs.shape[0] - miss.numel()
+            match = zs.argmax(-1) == top
+            agree += match.sum()
+            miss = (~match).nonzero().squeeze(-1) if top1_weight else None  # rows whose top token differs
             t_lp = F.log_softmax(zt, dim=-1)
             del zt  # in place from here on: a chunk holds at most four vocabulary-wide tensors
             p = t_lp.exp()
