@@ -1015,3 +1015,36 @@ def test_padded_heldout_rows_count_and_score_only_their_tokens():
     threshold = calibrate_threshold(fm, padded, 0.8)
     with fm.routing(threshold=threshold):
         assert mean_skipped(fm, padded) == pytest.approx(0.8, abs=0.05)
+
+
+def test_recipe_names_the_checkpoint_it_was_measured_on(tmp_path, tiny_folder):
+    """A recipe's convert: section (adapter width) against the checkpoint: flexi train says what differs and the
+    flag that matches, then trains; a matching checkpoint or a recipe without the section gets no note."""
+    from click.testing import CliRunner
+
+    from flexicli.cli import main
+    from flexicli.cli.train import recipe_mismatch
+    from flexicli.convert import convert
+
+    assert load_recipe("gemma3-270m-cpu", "convert") == {"adapter_reduction": 16}
+    assert load_recipe("smollm2-135m-cpu", "convert") == {}
+    fm, _, _ = setup()  # default adapters: the tiny MLP's 128 / 8 = 16 wide
+    assert recipe_mismatch(fm, {"adapter_reduction": 8}) == "" and recipe_mismatch(fm, {}) == ""
+    assert "8 wide (MLP width / 16); this checkpoint's are 16" in recipe_mismatch(fm, {"adapter_reduction": 16})
+
+    convert(str(tiny_folder), tmp_path / "ckpt")
+    tokens = tmp_path / "tokens.jsonl"
+    g = torch.Generator().manual_seed(0)
+    tokens.write_text("".join(json.dumps({"input_ids": torch.randint(3, 128, (17,), generator=g).tolist()}) + "\n"
+                              for _ in range(48)))
+    recipe = tmp_path / "recipe.yaml"
+    for reduction, noted in ((16, True), (8, False)):
+        recipe.write_text(f"convert:\n  adapter_reduction: {reduction}\ntrain:\n  steps: 1\n  data: {tokens}\n"
+                          "  seq_len: 16\n  batch_size: 2\n  eval_every: 1\n  router_init: none\n"
+                          "  adapter_init: none\n  save_every: 1\n")
+        r = CliRunner().invoke(main, ["train", "-m", str(tmp_path / "ckpt"), "--recipe", str(recipe),
+                                      "--skip-target", "1", "--json"])
+        assert r.exit_code == 0, r.output
+        said = " ".join(r.output.split())  # rich wraps the note at the terminal's width
+        assert ("was measured on adapters 8 wide" in said) == noted, said
+        assert ("--adapter-reduction 16 matches it" in said) == noted

@@ -62,6 +62,10 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
         raise BadInput("--skip-target is required: no step of a run was saved here yet, so there are no settings "
                        "to resume", "e.g. flexi train --skip-target 4 --resume")
     log = lambda m: console.print(m)  # noqa: E731
+    if recipe:
+        mismatch = recipe_mismatch(fm, load_recipe(recipe, "convert"))
+        if mismatch:
+            log(f"[yellow]note:[/yellow] recipe {recipe} was measured on {mismatch}")
     if dist.is_main:
         summary = run_with_progress(console, lambda progress: train(fm, cfg, resume=resume, progress=progress, log=log))
     else:  # distributed: rank 0 reports
@@ -98,3 +102,18 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
     if "wall_seconds" in summary:
         table.add_row("wall time", "  ".join(f"{k} {v / 60:.1f} min" for k, v in summary["wall_seconds"].items()))
     Console().print(table)
+
+
+def recipe_mismatch(fm, measured: dict) -> str:
+    """'' when the checkpoint has the settings a recipe was measured with (its `convert:` section); else what
+    differs and the flexi convert flag that matches. Training goes on: the recipe is untested there, not wrong."""
+    from ..core.flexi_model import adapter_dim_for
+
+    reduction = measured.get("adapter_reduction")
+    if reduction is None:
+        return ""
+    want = adapter_dim_for(fm.model.config, reduction)
+    if fm.config.adapter_dim == want:
+        return ""
+    return (f"adapters {want} wide (MLP width / {reduction}); this checkpoint's are {fm.config.adapter_dim} "
+            f"(flexi convert --adapter-reduction {reduction} matches it)")

@@ -70,6 +70,11 @@ def _sizes(config) -> tuple[int, int]:
     return hidden, inter
 
 
+def adapter_dim_for(config, reduction: int) -> int:
+    """Adapter width for a base config: its MLP width / reduction (flexi convert --adapter-reduction)."""
+    return max(1, _sizes(config)[1] // reduction)
+
+
 class FlexiModel:
     def __init__(self, model: nn.Module, tokenizer, config: FlexiConfig, state: RoutingState):
         self.model = model
@@ -106,14 +111,14 @@ class FlexiModel:
             raise UnsupportedModel(f"gate_mode must be 'ste' or 'scale', not {gate_mode!r}")
         check_choice(skip_unit, router)
 
-        hidden, inter = _sizes(model.config)
+        hidden = _sizes(model.config)[0]
         ref = next(model.parameters())
         config = FlexiConfig(
             base_model=base_model, base_revision=base_revision, base_fingerprint=fingerprint(model),
             model_type=model_type, parts=parts.to_dict(), num_layers=len(layers), routed_layers=routed,
-            hidden_size=hidden, adapter_dim=max(1, inter // adapter_reduction), router_reduction=router_reduction,
-            router_init_bias=router_init_bias, threshold=threshold, gate_mode=gate_mode,
-            dtype=str(ref.dtype).removeprefix("torch."), skip_unit=skip_unit, router=router)
+            hidden_size=hidden, adapter_dim=adapter_dim_for(model.config, adapter_reduction),
+            router_reduction=router_reduction, router_init_bias=router_init_bias, threshold=threshold,
+            gate_mode=gate_mode, dtype=str(ref.dtype).removeprefix("torch."), skip_unit=skip_unit, router=router)
         return cls._install(model, tokenizer, config)
 
     @staticmethod

@@ -235,7 +235,9 @@ def recipes_dir() -> Path:
     return Path(__file__).resolve().parent / "recipes"  # inside the package: an installed wheel has them too
 
 
-def load_recipe(name_or_file: str) -> dict:
+def load_recipe(name_or_file: str, section: str = "train") -> dict:
+    """A recipe's training settings (its `train:` section, or the whole file when it has none); section="convert"
+    gives the checkpoint settings it was measured with (e.g. adapter_reduction), {} when it names none."""
     import yaml
 
     path = Path(name_or_file)
@@ -245,4 +247,6 @@ def load_recipe(name_or_file: str) -> dict:
         known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
         raise BadInput(f"no recipe or config file {name_or_file!r}", f"recipes: {', '.join(known)}")
     data = yaml.safe_load(path.read_text()) or {}
+    if section == "convert":
+        return data.get("convert") or {}
     return data.get("train", data)
