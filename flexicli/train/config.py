@@ -11,6 +11,7 @@ from .budget import BUDGETS
 from .router_init import MEASURES
 
 SOURCE_SPREAD = 0.03  # source_spread's default where it applies (TrainConfig.resolved)
+TOP1_WEIGHT = 0.5  # top1_weight's default under distillation (TrainConfig.top1)
 
 
 @dataclass
@@ -53,10 +54,11 @@ class TrainConfig:
     # objective kl: + top1_weight * the cross-entropy toward the original's top token at the positions where the routed
     # model's top token differs (objectives.distill_loss; the logged loss then includes it). Why: flexi eval's top-1
     # agreement counts flips at the original's near-ties, which cost the KL almost nothing (benchmarks/
-    # top1_margin_probe.py: 62-66% of the defaults' disagreements sit at a margin p1 - p2 < 0.1). Measured at 0.5 on
-    # SmolLM2, N = 4, / 8, seed 0 (docs/results.md): flexi eval KL / top-1 / retention 0.085 / 0.889 / 0.997 against
-    # 0.091 / 0.877 / 0.968, no cost in the step; one seed, under the noise, so off for now. 0: off
-    top1_weight: float = 0.0
+    # top1_margin_probe.py: 62-66% of the disagreements without it sit at a margin p1 - p2 < 0.1). Measured at 0.5 on
+    # SmolLM2, N = 4, / 8 (docs/results.md): flexi eval KL / top-1 0.085 / 0.889 and 0.081 / 0.895 on seeds 0 / 1
+    # against 0.091 / 0.877 and 0.090 / 0.883 without, no cost in the step; 1.0 on seed 0: 0.082 / 0.893. 0: off;
+    # None: TOP1_WEIGHT under objective kl, else 0 (see `top1`)
+    top1_weight: float | None = None
     budget: str = "penalty"  # penalty: PI-controlled Lagrange term | capacity: per-unit shares (budget.BudgetCapacity) | threshold: quantile
     #                          | density: per-unit target density (budget.BudgetDensity)
     # influence: fit the routers to token-level unit influence first (router_init.py) | cost: to the measured KL cost
@@ -174,6 +176,8 @@ class TrainConfig:
         for name, off in (("hidden_weight", "0 turns the term off"), ("row_spread", "0 turns the term off"),
                           ("answer_weight", "0 weighs every token alike"), ("top1_weight", "0 turns the term off")):
             value = getattr(self, name)
+            if value is None:  # top1_weight's default: on where it applies (TrainConfig.top1)
+                continue
             if value < 0:
                 raise BadInput(f"{name} must be at least 0, not {value}", off)
             if value and self.objective != "kl":
@@ -224,6 +228,14 @@ class TrainConfig:
         if self.budget == "capacity":
             return 0.05
         return 0.03 if self.warm_start and self.budget == "penalty" else 0.0
+
+    @property
+    def top1(self) -> float:
+        """The top1_weight in effect: as set, else TOP1_WEIGHT under distillation and 0 under FlexiDepth's LM
+        objective (where check() refuses a weight set by hand)."""
+        if self.top1_weight is not None:
+            return self.top1_weight
+        return TOP1_WEIGHT if self.objective == "kl" else 0.0
 
     @property
     def warm_start(self) -> bool:
