@@ -210,12 +210,14 @@ class TrainConfig:
             raise BadInput(f"adapter_init must be 'fit' or 'none', not {self.adapter_init!r}")
 
     def resolved(self, has_source: bool) -> "TrainConfig":
-        """This config with source_spread's default filled in: on (SOURCE_SPREAD) where the training rows carry their
-        source (`has_source`: the built-in data mix, or rows given with theirs) under distillation, else off. A value
-        set by hand is kept (and check() refuses it where it cannot apply)."""
-        if self.source_spread is not None:
-            return self
-        return replace(self, source_spread=SOURCE_SPREAD if has_source and self.objective == "kl" else 0.0)
+        """This config with the defaults that depend on the run filled in, so the stored settings say what ran:
+        source_spread on (SOURCE_SPREAD) where the training rows carry their source (`has_source`: the built-in data
+        mix, or rows given with theirs) under distillation, else off; top1_weight as `top1`. A value set by hand is
+        kept (and check() refuses it where it cannot apply)."""
+        spread = self.source_spread
+        if spread is None:
+            spread = SOURCE_SPREAD if has_source and self.objective == "kl" else 0.0
+        return replace(self, source_spread=spread, top1_weight=self.top1)
 
     @property
     def margin(self) -> float:
