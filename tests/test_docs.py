@@ -10,12 +10,16 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def prose(page: Path) -> str:
+    """The page without its code blocks: no headings or links are read inside them."""
+    return re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+
+
 def slugs(page: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation but '-' and '_' dropped, each space a '-', repeats -1, -2."""
     seen: dict[str, int] = {}
     out = set()
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # no headings inside code blocks
-    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", text, flags=re.M):
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", prose(page), flags=re.M):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         n = seen.get(slug, 0)
         seen[slug] = n + 1
@@ -31,7 +35,7 @@ def test_slugs_follow_github():
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_relative_links_land(page):
     bad = []
-    for target in LINK.findall(re.sub(r"```.*?```", "", page.read_text(), flags=re.S)):
+    for target in LINK.findall(prose(page)):
         if re.match(r"[a-z]+:", target):  # https:, mailto:
             continue
         path, _, anchor = target.partition("#")

@@ -1053,11 +1053,11 @@ def test_recipe_names_the_checkpoint_it_was_measured_on(tmp_path, tiny_folder):
     tokens.write_text("".join(json.dumps({"input_ids": torch.randint(3, 128, (17,), generator=g).tolist()}) + "\n"
                               for _ in range(48)))
     recipe = tmp_path / "recipe.yaml"
-    for reduction, noted in ((16, True), (8, False)):
+    for reduction, noted, flag in ((16, True, "--recipe"), (8, False, "--recipe"), (16, True, "--config")):
         recipe.write_text(f"convert:\n  adapter_reduction: {reduction}\ntrain:\n  steps: 1\n  data: {tokens}\n"
                           "  seq_len: 16\n  batch_size: 2\n  eval_every: 1\n  router_init: none\n"
                           "  adapter_init: none\n  save_every: 1\n")
-        r = CliRunner().invoke(main, ["train", "-m", str(tmp_path / "ckpt"), "--recipe", str(recipe),
+        r = CliRunner().invoke(main, ["train", "-m", str(tmp_path / "ckpt"), flag, str(recipe),
                                       "--skip-target", "1", "--json"])
         assert r.exit_code == 0, r.output
         said = " ".join(r.output.split())  # rich wraps the note at the terminal's width

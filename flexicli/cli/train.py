@@ -62,10 +62,10 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
         raise BadInput("--skip-target is required: no step of a run was saved here yet, so there are no settings "
                        "to resume", "e.g. flexi train --skip-target 4 --resume")
     log = lambda m: console.print(m)  # noqa: E731
-    if recipe:
-        mismatch = recipe_mismatch(fm, load_recipe(recipe, "convert"))
+    if recipe or config_file:  # a --config file may carry a convert: section too
+        mismatch = recipe_mismatch(fm, load_recipe(recipe or config_file, "convert"))
         if mismatch:
-            log(f"[yellow]note:[/yellow] recipe {recipe} was measured on {mismatch}")
+            log(f"[yellow]note:[/yellow] recipe {recipe or config_file} was measured on {mismatch}")
     if dist.is_main:
         summary = run_with_progress(console, lambda progress: train(fm, cfg, resume=resume, progress=progress, log=log))
     else:  # distributed: rank 0 reports
