@@ -338,13 +338,19 @@ def test_data_order_is_a_function_of_seed_and_index():
     assert sorted(seen) == list(range(10)), "one epoch visits every row once"
 
 
-def test_recipes_load_and_bad_settings_fail():
+def test_recipes_load_and_bad_settings_fail(tmp_path):
     from flexicli.core.errors import BadInput
 
     r = load_recipe("smollm2-135m-cpu")
     assert TrainConfig.from_dict({**r, "skip_target": 4}).steps == r["steps"]
     with pytest.raises(BadInput, match="no recipe"):
         load_recipe("nope")
+    flat = tmp_path / "flat.yaml"  # no train: section, a convert: one: the rest are the training settings
+    flat.write_text("steps: 3\nconvert:\n  adapter_reduction: 16\n")
+    assert load_recipe(str(flat)) == {"steps": 3} and load_recipe(str(flat), "convert") == {"adapter_reduction": 16}
+    flat.write_text("- steps: 3\n")
+    with pytest.raises(BadInput, match="not a mapping"):
+        load_recipe(str(flat))
     with pytest.raises(BadInput, match="unknown training settings"):
         TrainConfig.from_dict({"skip_target": 1, "stepz": 3})
     with pytest.raises(BadInput, match="outside 0..2"):

@@ -261,6 +261,9 @@ def load_recipe(name_or_file: str, section: str = "train") -> dict:
         known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
         raise BadInput(f"no recipe or config file {name_or_file!r}", f"recipes: {', '.join(known)}")
     data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise BadInput(f"{path} is not a mapping of settings", "e.g. `steps: 160` on a line, or a `train:` section")
     if section == "convert":
         return data.get("convert") or {}
-    return data.get("train", data)
+    # a flat file of training settings may still name its checkpoint (convert:), which is not a training setting
+    return data.get("train", {k: v for k, v in data.items() if k != "convert"})
