@@ -4,7 +4,9 @@ computed, interleaved in one process so that a busy machine slows every configur
     python benchmarks/train_step_time.py --threads 1 --repeats 4
 
   fused:         the defaults (distillation loss fused with its gradient, objectives._FusedKL; teacher cache;
-                 gradient checkpointing of the routed layers), with FlexiDepth's adapters / 16
+                 gradient checkpointing of the routed layers; top1_weight 0.5 since 2026-12-06), with FlexiDepth's
+                 adapters / 16
+  top1-off:      fused, without the top-1 term (top1_weight: 0, the default before 2026-12-06)
   checkpointed:  the loss through autograd with checkpointed chunks (what the fused loss replaced)
   no-ckpt:       fused, without gradient checkpointing (--no-gradient-checkpointing: more memory, train_memory.py)
   adapter/8:     fused, adapters twice as wide (flexi convert's default since the adapters / 8 run was timed)
@@ -42,6 +44,7 @@ def main():
     rows = torch.randint(100, 40000, (a.batch_size, a.seq_len))
     cfg = TrainConfig(skip_target=4, batch_size=a.batch_size, seq_len=a.seq_len)
     hidden_cfg = TrainConfig(skip_target=4, batch_size=a.batch_size, seq_len=a.seq_len, hidden_weight=1.0)
+    top1_off = TrainConfig(skip_target=4, batch_size=a.batch_size, seq_len=a.seq_len, top1_weight=0.0)
 
     def routed(reduction: int):
         model, tok, info = load_base(None, dtype="float32", device="cpu")
@@ -60,7 +63,7 @@ def main():
     fused, checkpointed, fused8 = logits_fn(fm.model), logits_fn(fm.model), logits_fn(fm8.model)
     checkpointed.linear = None  # objectives.distill_loss then takes the checkpointed autograd path
     configs = {"fused": (fm, fused, True, cfg, cached), "checkpointed": (fm, checkpointed, True, cfg, cached),
-               "no-ckpt": (fm, fused, False, cfg, cached), "adapter/8": (fm8, fused8, True, cfg, cached8),
+               "no-ckpt": (fm, fused, False, cfg, cached), "top1-off": (fm, fused, True, top1_off, cached), "adapter/8": (fm8, fused8, True, cfg, cached8),
                "hidden": (fm, fused, True, hidden_cfg, hidden_cached)}
     times = {name: [] for name in configs}
     for _ in range(a.repeats):
@@ -75,7 +78,8 @@ def main():
                       "checkpointed_over_fused": round(out["checkpointed"] / out["fused"], 3),
                       "fused_over_no_ckpt": round(out["fused"] / out["no-ckpt"], 3),
                       "adapter8_over_fused": round(out["adapter/8"] / out["fused"], 3),
-                      "hidden_over_fused": round(out["hidden"] / out["fused"], 3)}))
+                      "hidden_over_fused": round(out["hidden"] / out["fused"], 3),
+                      "fused_over_top1_off": round(out["fused"] / out["top1-off"], 3)}))
 
 
 if __name__ == "__main__":
