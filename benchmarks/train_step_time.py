@@ -63,7 +63,8 @@ def main():
     fused, checkpointed, fused8 = logits_fn(fm.model), logits_fn(fm.model), logits_fn(fm8.model)
     checkpointed.linear = None  # objectives.distill_loss then takes the checkpointed autograd path
     configs = {"fused": (fm, fused, True, cfg, cached), "checkpointed": (fm, checkpointed, True, cfg, cached),
-               "no-ckpt": (fm, fused, False, cfg, cached), "top1-off": (fm, fused, True, top1_off, cached), "adapter/8": (fm8, fused8, True, cfg, cached8),
+               "no-ckpt": (fm, fused, False, cfg, cached), "top1-off": (fm, fused, True, top1_off, cached),
+               "adapter/8": (fm8, fused8, True, cfg, cached8),
                "hidden": (fm, fused, True, hidden_cfg, hidden_cached)}
     times = {name: [] for name in configs}
     for _ in range(a.repeats):

@@ -265,5 +265,7 @@ def load_recipe(name_or_file: str, section: str = "train") -> dict:
         raise BadInput(f"{path} is not a mapping of settings", "e.g. `steps: 160` on a line, or a `train:` section")
     if section == "convert":
         return data.get("convert") or {}
+    if "train" in data:
+        return data["train"] or {}
     # a flat file of training settings may still name its checkpoint (convert:), which is not a training setting
-    return data.get("train", {k: v for k, v in data.items() if k != "convert"})
+    return {k: v for k, v in data.items() if k != "convert"}
