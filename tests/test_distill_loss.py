@@ -87,11 +87,13 @@ def test_token_weights_must_match_the_tokens():
         distill_loss(torch.randn(2, 5, 8), torch.randn(2, 5, 8), logits_fn(_Model(head)), weights=torch.ones(2, 4))
 
 
-@pytest.mark.parametrize("fused,cap", [(True, None), (False, None), (True, 3.0)])
-def test_top1_weight_adds_the_cross_entropy_on_the_misses(fused, cap):
+@pytest.mark.parametrize("fused,cap,lead", [(True, None, 0.0), (False, None, 0.0), (True, 3.0, 0.0), (True, None, 0.3),
+                                            (False, None, 0.3), (True, 3.0, 0.3)])
+def test_top1_weight_adds_the_cross_entropy_on_the_misses(fused, cap, lead):
     """top1_weight: mean over tokens of KL + weight * CE(student, the teacher's top token) where the two top tokens
-    differ, both paths, against the definition and its autograd gradient (with Gemma-2's soft-capping too)."""
-    torch.manual_seed(3)
+    differ (and, with top1_lead, where the student's top token is the teacher's by a logit gap under the lead), both
+    paths, against the definition and its autograd gradient (with Gemma-2's soft-capping too)."""
+    torch.manual_seed(7)
     head = torch.nn.Linear(8, 31, bias=False).requires_grad_(False)
     f = logits_fn(_Model(head, cap))
     fn = f if fused else (lambda h: f(h))
@@ -99,14 +101,18 @@ def test_top1_weight_adds_the_cross_entropy_on_the_misses(fused, cap):
     t = s0 + torch.randn(3, 9, 8) * 1.5
     w = torch.rand(3, 9) + 0.5
     s = s0.clone().requires_grad_()
-    loss, agree = distill_loss(s, t, fn, chunk=4, weights=w, top1_weight=0.7)
+    loss, agree = distill_loss(s, t, fn, chunk=4, weights=w, top1_weight=0.7, top1_lead=lead)
     loss.backward()
     ref = s0.clone().requires_grad_()
     ls, lt = F.log_softmax(f(ref), -1), F.log_softmax(f(t), -1)
     top = lt.argmax(-1)
     miss = ls.argmax(-1) != top
     assert 0 < miss.sum() < miss.numel()  # some tokens agree, some do not: both branches run
-    per_token = (lt.exp() * (lt - ls)).sum(-1) - 0.7 * miss * ls.gather(-1, top[..., None]).squeeze(-1)
+    two = ls.topk(2, dim=-1).values
+    short = ~miss & (two[..., 0] - two[..., 1] < lead)  # matches by less than the lead
+    assert short.any() == (lead > 0) and (~miss & ~short).any()  # with a lead: all three kinds of token
+    term = miss | short
+    per_token = (lt.exp() * (lt - ls)).sum(-1) - 0.7 * term * ls.gather(-1, top[..., None]).squeeze(-1)
     want = (per_token * w).sum() / w.sum()
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)

@@ -983,8 +983,9 @@ def _step_grads(fm, batch, config):
 
 
 def test_top1_weight_reaches_the_step_and_is_checked():
-    """top1_weight > 0 changes a step's gradient (a tiny routed model misses the teacher's top token somewhere); a
-    negative weight, or one under FlexiDepth's LM objective, is refused."""
+    """top1_weight > 0 changes a step's gradient (a tiny routed model misses the teacher's top token somewhere), and
+    top1_lead > 0 changes it again (matches now count too); a negative weight or lead, one under FlexiDepth's LM
+    objective, or a lead with the term off, is refused."""
     from flexicli.core.errors import BadInput
 
     fm, rows, _ = setup()
@@ -994,6 +995,12 @@ def test_top1_weight_reaches_the_step_and_is_checked():
     (plain, g0), (with_term, g1) = (_step_grads(fm, rows[:4], cfg(top1_weight=w)) for w in (0.0, 0.5))
     assert plain["agree"] < 1  # misses exist, so the term has tokens to act on
     assert with_term["loss"] > plain["loss"] and any(not torch.allclose(a, b) for a, b in zip(g0, g1))
+    wider, g2 = _step_grads(fm, rows[:4], cfg(top1_weight=0.5, top1_lead=50.0))  # every token short of the lead
+    assert wider["loss"] > with_term["loss"] and any(not torch.allclose(a, b) for a, b in zip(g1, g2))
+    with pytest.raises(BadInput, match="top1_lead must be at least 0"):
+        cfg(top1_weight=0.5, top1_lead=-0.1).check()
+    with pytest.raises(BadInput, match="top1_lead widens the top-1 term, which is off"):
+        cfg(top1_weight=0.0, top1_lead=0.5).check()
     with pytest.raises(BadInput, match="top1_weight must be at least 0"):
         cfg(top1_weight=-1.0).check()
     with pytest.raises(BadInput, match="top1_weight applies to objective kl"):

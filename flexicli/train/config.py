@@ -59,6 +59,10 @@ class TrainConfig:
     # against 0.091 / 0.877 and 0.090 / 0.883 without, no cost in the step; 1.0 on seed 0: 0.082 / 0.893. 0: off;
     # None: TOP1_WEIGHT under objective kl, else 0 (see `top1`)
     top1_weight: float | None = None
+    # the top-1 term also where the routed model picks the original's top token but leads with it by less than
+    # top1_lead (logit gap to its next token, nats): 30% of the default's held-out disagreements sit where the original
+    # leads by 0.10-0.40 in probability, not at near-ties (top1_margin_probe.py). 0: misses only
+    top1_lead: float = 0.0
     budget: str = "penalty"  # penalty: PI-controlled Lagrange term | capacity: per-unit shares (budget.BudgetCapacity) | threshold: quantile
     #                          | density: per-unit target density (budget.BudgetDensity)
     # influence: fit the routers to token-level unit influence first (router_init.py) | cost: to the measured KL cost
@@ -182,6 +186,11 @@ class TrainConfig:
                 raise BadInput(f"{name} must be at least 0, not {value}", off)
             if value and self.objective != "kl":
                 raise BadInput(f"{name} applies to objective kl, not {self.objective!r}", "drop it or use kl")
+        if self.top1_lead < 0:
+            raise BadInput(f"top1_lead must be at least 0, not {self.top1_lead}", "0 applies the term to misses only")
+        if self.top1_lead and not self.top1:
+            raise BadInput("top1_lead widens the top-1 term, which is off (top1_weight 0 or objective lm)",
+                           "drop top1_lead or set top1_weight above 0")
         if self.source_spread is not None and self.source_spread < 0:
             raise BadInput(f"source_spread must be at least 0, not {self.source_spread}", "0 turns the term off")
         if self.source_spread and (self.objective != "kl" or self.data != "mix"):

@@ -193,7 +193,8 @@ def _forward(fm, batch, cfg: TrainConfig, head, target: float, budget, cached=No
             from ..data.tokens import answer_header
 
             weights = answer_weights(batch.cpu(), *answer_header(fm.tokenizer), cfg.answer_weight)
-        main, agree = distill_loss(student_h, teacher_h, head, weights=weights, top1_weight=cfg.top1)
+        main, agree = distill_loss(student_h, teacher_h, head, weights=weights, top1_weight=cfg.top1,
+                                   top1_lead=cfg.top1_lead)
         extra = budget.loss(target, skipped_st, density) + cfg.margin * margin
         if hidden:
             term = hidden_loss(student_layers, teacher_layers)

@@ -31,13 +31,21 @@ def logits_fn(model):
     return fn
 
 
-def _kl_chunk(s_h, t_h, head, w=None, top1_weight=0.0):
+def _short_lead(z, top, lead: float) -> torch.Tensor:
+    """Rows whose logits `z` do not lead with `top` by at least `lead` (nats) over the next token: the misses, and with
+    lead > 0 also the matches by less (top1_lead in distill_loss)."""
+    (v1, v2), i1 = z.topk(2, dim=-1).values.unbind(-1), z.argmax(-1)
+    gap = torch.where(i1 == top, v1 - v2, z.gather(-1, top[:, None]).squeeze(-1) - v1)
+    return (i1 != top) | (gap < lead)
+
+
+def _kl_chunk(s_h, t_h, head, w=None, top1_weight=0.0, top1_lead=0.0):
     s = F.log_softmax(head(s_h), dim=-1)
     with torch.no_grad():
         t = F.log_softmax(head(t_h), dim=-1)
         top = t.argmax(-1)
-        miss = s.argmax(-1) != top
-        agree = (~miss).sum()
+        agree = (s.argmax(-1) == top).sum()
+        miss = _short_lead(s, top, top1_lead)
     kl = (t.exp() * (t - s)).sum(-1)
     if top1_weight:  # see distill_loss
         kl = kl - top1_weight * miss * s.gather(-1, top[:, None]).squeeze(-1)
@@ -53,7 +61,7 @@ class _FusedKL(torch.autograd.Function):
     CPU thread, the loss with its backward took 5.2 s against 8.8 s, about a third of a training step."""
 
     @staticmethod
-    def forward(ctx, s, t, head, chunk, w, top1_weight):
+    def forward(ctx, s, t, head, chunk, w, top1_weight, top1_lead):
         weight, cap = head.linear.weight, head.cap
         grad = torch.empty_like(s)
         total = torch.zeros((), dtype=torch.float32, device=s.device)
@@ -63,7 +71,8 @@ class _FusedKL(torch.autograd.Function):
             top = zt.argmax(-1)
             match = zs.argmax(-1) == top
             agree += match.sum()
-            miss = (~match).nonzero().squeeze(-1) if top1_weight else None  # rows whose top token differs
+            # rows whose top token differs (or leads by less than top1_lead)
+            miss = _short_lead(zs, top, top1_lead).nonzero().squeeze(-1) if top1_weight else None
             t_lp = F.log_softmax(zt, dim=-1)
             del zt  # in place from here on: a chunk holds at most four vocabulary-wide tensors
             p = t_lp.exp()
@@ -94,17 +103,19 @@ class _FusedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_agree):
         (grad,) = ctx.saved_tensors
-        return grad * (grad_loss / ctx.norm).to(grad.dtype), None, None, None, None, None
+        return grad * (grad_loss / ctx.norm).to(grad.dtype), None, None, None, None, None, None
 
 
 def distill_loss(student_h, teacher_h, head, chunk: int | None = None, weights: torch.Tensor | None = None,
-                 top1_weight: float = 0.0):
+                 top1_weight: float = 0.0, top1_lead: float = 0.0):
     """Mean KL(teacher || student) per token and the top-1 agreement, computed over token chunks, so full-vocabulary
     logits of the whole batch never sit in memory at once: fused with its gradient (_FusedKL) when the head is a
     frozen Linear, else with checkpointing. `weights` (shaped like the tokens, e.g. answer_weights'): a weighted mean
     of the per-token KL instead (the agreement stays a plain share). `top1_weight` > 0: each token whose top-1 differs
     from the teacher's adds top1_weight * its cross-entropy toward the teacher's top token (the loss is then no longer
-    the KL alone). Why: flexi eval's top-1 agreement counts flips the KL barely sees (near-ties in the teacher)."""
+    the KL alone). Why: flexi eval's top-1 agreement counts flips the KL barely sees (near-ties in the teacher).
+    `top1_lead` > 0: the term also applies where the student picks the teacher's top token but leads with it by less
+    than top1_lead (logit gap to its next token, nats): a match by a hair on training text is a likely miss on new text."""
     s, t = student_h.reshape(-1, student_h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1])
     w = weights.reshape(-1).to(device=s.device, dtype=torch.float32) if weights is not None else None
     if w is not None and w.shape[0] != s.shape[0]:
@@ -112,13 +123,14 @@ def distill_loss(student_h, teacher_h, head, chunk: int | None = None, weights: 
     total, agree, chunk = 0.0, 0, chunk or getattr(head, "chunk", 512)
     linear = getattr(head, "linear", None)
     if s.requires_grad and linear is not None and not any(p.requires_grad for p in linear.parameters()):
-        return _FusedKL.apply(s, t.detach(), head, chunk, w, top1_weight)
+        return _FusedKL.apply(s, t.detach(), head, chunk, w, top1_weight, top1_lead)
     for i in range(0, s.shape[0], chunk):
         wi = w[i:i + chunk] if w is not None else None
         if s.requires_grad:
-            kl, a = checkpoint(_kl_chunk, s[i:i + chunk], t[i:i + chunk], head, wi, top1_weight, use_reentrant=False)
+            kl, a = checkpoint(_kl_chunk, s[i:i + chunk], t[i:i + chunk], head, wi, top1_weight, top1_lead,
+                               use_reentrant=False)
         else:
-            kl, a = _kl_chunk(s[i:i + chunk], t[i:i + chunk], head, wi, top1_weight)
+            kl, a = _kl_chunk(s[i:i + chunk], t[i:i + chunk], head, wi, top1_weight, top1_lead)
         total, agree = total + kl, agree + a
     return total / (s.shape[0] if w is None else w.sum()), agree.float() / s.shape[0]
 
