@@ -255,6 +255,8 @@ def test_source_spread_is_on_by_default_where_the_rows_carry_their_source(tmp_pa
     stock = TrainConfig(skip_target=1.0)  # the stored settings say what ran: top1_weight as in effect
     assert stock.resolved(has_source=True).top1_weight == stock.top1 > 0
     assert replace(stock, objective="lm").resolved(has_source=False).top1_weight == 0.0
+    assert stock.resolved(has_source=True).margin_weight == stock.margin > 0  # and the margin in effect (0.03)
+    assert replace(stock, router_init="none").resolved(has_source=True).margin_weight == 0.0
     _, rows, _ = setup()
     source = torch.arange(rows.shape[0]) % 2
     ends = {}

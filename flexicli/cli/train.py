@@ -43,7 +43,9 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
 
     if recipe and config_file:
         raise BadInput("pass --recipe or --config, not both")
-    settings = load_recipe(recipe or config_file) if (recipe or config_file) else {}
+    source = recipe or config_file
+    settings = load_recipe(source) if source else {}
+    measured = load_recipe(source, "convert") if source else {}  # a --config file may carry a convert: section too
     settings.update({k: v for k, v in flags.items() if k in _FLAGS and v is not None})
     if skip_target is not None:
         settings["skip_target"] = skip_target
@@ -62,10 +64,9 @@ def command(model_dir, skip_target, resume, recipe, config_file, device, as_json
         raise BadInput("--skip-target is required: no step of a run was saved here yet, so there are no settings "
                        "to resume", "e.g. flexi train --skip-target 4 --resume")
     log = lambda m: console.print(m)  # noqa: E731
-    if recipe or config_file:  # a --config file may carry a convert: section too
-        mismatch = recipe_mismatch(fm, load_recipe(recipe or config_file, "convert"))
-        if mismatch:
-            log(f"[yellow]note:[/yellow] recipe {recipe or config_file} was measured on {mismatch}")
+    mismatch = recipe_mismatch(fm, measured)
+    if mismatch:
+        log(f"[yellow]note:[/yellow] recipe {source} was measured on {mismatch}")
     if dist.is_main:
         summary = run_with_progress(console, lambda progress: train(fm, cfg, resume=resume, progress=progress, log=log))
     else:  # distributed: rank 0 reports

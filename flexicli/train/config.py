@@ -221,12 +221,12 @@ class TrainConfig:
     def resolved(self, has_source: bool) -> "TrainConfig":
         """This config with the defaults that depend on the run filled in, so the stored settings say what ran:
         source_spread on (SOURCE_SPREAD) where the training rows carry their source (`has_source`: the built-in data
-        mix, or rows given with theirs) under distillation, else off; top1_weight as `top1`. A value set by hand is
-        kept (and check() refuses it where it cannot apply)."""
+        mix, or rows given with theirs) under distillation, else off; top1_weight as `top1`, margin_weight as
+        `margin`. A value set by hand is kept (and check() refuses it where it cannot apply)."""
         spread = self.source_spread
         if spread is None:
             spread = SOURCE_SPREAD if has_source and self.objective == "kl" else 0.0
-        return replace(self, source_spread=spread, top1_weight=self.top1)
+        return replace(self, source_spread=spread, top1_weight=self.top1, margin_weight=self.margin)
 
     @property
     def margin(self) -> float:
