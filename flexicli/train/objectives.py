@@ -31,12 +31,15 @@ def logits_fn(model):
     return fn
 
 
-def _short_lead(z, top, lead: float) -> torch.Tensor:
-    """Rows whose logits `z` do not lead with `top` by at least `lead` (nats) over the next token: the misses, and with
-    lead > 0 also the matches by less (top1_lead in distill_loss)."""
-    (v1, v2), i1 = z.topk(2, dim=-1).values.unbind(-1), z.argmax(-1)
-    gap = torch.where(i1 == top, v1 - v2, z.gather(-1, top[:, None]).squeeze(-1) - v1)
-    return (i1 != top) | (gap < lead)
+def _short_lead(z, top, match, lead: float) -> torch.Tensor:
+    """Rows whose logits `z` do not lead with `top` by at least `lead` (nats) over the next token: the misses (~match:
+    z's top token is not `top`), and with lead > 0 also the matches by less (top1_lead in distill_loss). At lead 0 no
+    vocabulary-wide pass beyond the argmax behind `match`."""
+    if not lead:
+        return ~match
+    v, i = z.topk(2, dim=-1)
+    runner_up = torch.where(i[:, 0] == top, v[:, 1], v[:, 0])  # a miss: top's logit minus the top one's, <= 0
+    return z.gather(-1, top[:, None]).squeeze(-1) - runner_up < lead
 
 
 def _kl_chunk(s_h, t_h, head, w=None, top1_weight=0.0, top1_lead=0.0):
@@ -44,8 +47,9 @@ def _kl_chunk(s_h, t_h, head, w=None, top1_weight=0.0, top1_lead=0.0):
     with torch.no_grad():
         t = F.log_softmax(head(t_h), dim=-1)
         top = t.argmax(-1)
-        agree = (s.argmax(-1) == top).sum()
-        miss = _short_lead(s, top, top1_lead)
+        match = s.argmax(-1) == top
+        agree = match.sum()
+        miss = _short_lead(s, top, match, top1_lead)
     kl = (t.exp() * (t - s)).sum(-1)
     if top1_weight:  # see distill_loss
         kl = kl - top1_weight * miss * s.gather(-1, top[:, None]).squeeze(-1)
@@ -72,7 +76,7 @@ class _FusedKL(torch.autograd.Function):
             match = zs.argmax(-1) == top
             agree += match.sum()
             # rows whose top token differs (or leads by less than top1_lead)
-            miss = _short_lead(zs, top, top1_lead).nonzero().squeeze(-1) if top1_weight else None
+            miss = _short_lead(zs, top, match, top1_lead).nonzero().squeeze(-1) if top1_weight else None
             t_lp = F.log_softmax(zt, dim=-1)
             del zt  # in place from here on: a chunk holds at most four vocabulary-wide tensors
             p = t_lp.exp()
