@@ -9,7 +9,7 @@ computed, interleaved in one process so that a busy machine slows every configur
   top1-off:      fused, without the top-1 term (top1_weight: 0, the default before 2026-12-06)
   checkpointed:  the loss through autograd with checkpointed chunks (what the fused loss replaced)
   no-ckpt:       fused, without gradient checkpointing (--no-gradient-checkpointing: more memory, train_memory.py)
-  adapter/8:     fused, adapters twice as wide (flexi convert's default since the adapters / 8 run was timed)
+  adapter/8:     fused, adapters twice as wide (flexi convert's default until / 4, both 2026-12-06)
   hidden:        fused, with the per-layer hidden-state term (config hidden_weight; its teacher cache holds each
                  routed layer's output)
 Each step is one train_step on random tokens (4 x 256, every routed layer routed, teacher hidden states cached as in

@@ -17,7 +17,7 @@ from .common import device_options, emit_json, json_option, stderr_console
 @click.option("--router", "router_kind", default="flexidepth", show_default=True,
               help="Router: flexidepth (bottleneck) or linear (Learning to Skip: one Linear(hidden, 1) + bias).")
 @click.option("--adapter-reduction", type=click.IntRange(min=1), default=None,
-              help="Adapter width = the MLP's width / this (default 8; FlexiDepth's is 16; 16, 8 and 4 measured in "
+              help="Adapter width = the MLP's width / this (default 4; FlexiDepth's is 16; 16, 8 and 4 measured in "
                    "docs/results.md, the levers at a glance).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the new routers' and adapters' initial weights (the same command writes the same "
