@@ -25,11 +25,11 @@ def peaky_tiny(family="llama", sharpen=30.0):
     return model
 
 
-def tiny_routed(family="llama"):
+def tiny_routed(family="llama", **wrap):
     """Layers 0 and 1 routed, adapters / 8 (flexi convert's default until 2026-12-06): the step counts and thresholds
-    of the tests below were set on this peaky tiny model at that width, and adapter width is not what they test (at
-    / 4 its penalty moves the count more slowly)."""
-    return FlexiModel.wrap(peaky_tiny(family), routed_layers=[0, 1], base_model="tiny", adapter_reduction=8)
+    of the tests below (and test_train_units') were set on this peaky tiny model at that width, and adapter width is
+    not what they test (at / 4 its penalty moves the count more slowly). `wrap`: more FlexiModel.wrap settings."""
+    return FlexiModel.wrap(peaky_tiny(family), routed_layers=[0, 1], base_model="tiny", adapter_reduction=8, **wrap)
 
 
 def setup(tmp_path=None, family="llama"):

@@ -15,13 +15,11 @@ from flexicli.train.objectives import SKIP_CAP_WEIGHT, gate_stats, logits_fn, sk
 from flexicli.train.router_init import target_logits, unit_influence
 from flexicli.train.config import TrainConfig
 from flexicli.train.loop import train, train_step
-from test_train import cfg, peaky_tiny
+from test_train import cfg, peaky_tiny, tiny_routed
 
 
 def setup(unit="module", router="flexidepth", tmp_path=None):
-    # adapters / 8, as test_train.tiny_routed: the thresholds below were set on this tiny model at that width
-    fm = FlexiModel.wrap(peaky_tiny(), routed_layers=[0, 1], base_model="tiny", skip_unit=unit, router=router,
-                         adapter_reduction=8)
+    fm = tiny_routed(skip_unit=unit, router=router)
     g = torch.Generator().manual_seed(0)
     rows, heldout = torch.randint(3, 128, (16, 32), generator=g), torch.randint(3, 128, (4, 32), generator=g)
     if tmp_path is not None:
